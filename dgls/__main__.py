@@ -1,0 +1,5 @@
+"""`python -m dgls` is the `dgls` command."""
+
+from dgls.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""The denoising loop: refine one canvas of tokens against an encoded prompt.
+
+Reproduces `DiffusionGemmaForBlockDiffusion.generate` for one canvas (entropy-bound sampler, linear
+temperature schedule, self-conditioning, stable-and-confident adaptive stop; same random draws in the same
+order, so with the same seed the tokens are identical) and adds what an editor needs: a deadline that returns
+the best draft so far, early commit once the line (or block) up to its end is accepted, cancellation at step
+boundaries, N candidates as one batch, and seeded canvases with fixed positions. The noise process is the
+checkpoint's: uniform random tokens (DiffusionGemma) or an absorbing mask token. Knows nothing about text,
+templates or caches beyond the decoder view it is handed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+CommitMode = Literal["line", "block"] | None
+
+
+@dataclass(slots=True)
+class SamplerSettings:
+    max_steps: int = 48
+    t_min: float = 0.4
+    t_max: float = 0.8
+    entropy_bound: float = 0.1
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+    @classmethod
+    def from_generation_config(cls, config: Any) -> SamplerSettings:
+        """Read the checkpoint's generation_config, falling back to transformers' own defaults."""
+        defaults = cls()
+        sampler = getattr(config, "sampler_config", None)
+        bound = getattr(sampler, "entropy_bound", None) if sampler is not None else None
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(config, name, None)
+            return fallback if value is None else value
+
+        return cls(
+            max_steps=int(pick("max_denoising_steps", defaults.max_steps)),
+            t_min=float(pick("t_min", defaults.t_min)),
+            t_max=float(pick("t_max", defaults.t_max)),
+            entropy_bound=float(bound if bound is not None else defaults.entropy_bound),
+            stability_threshold=int(pick("stability_threshold", defaults.stability_threshold)),
+            confidence_threshold=float(pick("confidence_threshold", defaults.confidence_threshold)),
+        )
+
+
+@dataclass(slots=True)
+class DenoiseControl:
+    """Per-request limits. `deadline` is a `time.monotonic()` instant; `cancelled` is polled every step."""
+
+    deadline: float | None = None
+    cancelled: Callable[[], bool] | None = None
+    commit: CommitMode = None
+
+
+@dataclass(slots=True)
+class DenoiseOutput:
+    canvas: torch.Tensor  # [B, C] argmax canvas (the draft)
+    committed: list[int]  # per row: tokens committed early (0 when the row ran to convergence or was cut)
+    score: torch.Tensor  # [B] mean log-probability of the draft tokens
+    steps: int
+    forwards: list[int]
+    converged: bool
+    cancelled: bool
+    stop_reason: str  # converged | early_commit | deadline | max_steps | cancelled
+
+
+class Denoiser:
+    """Owns the sampling rules of one model; `run` refines a canvas against a decoder cache view."""
+
+    def __init__(
+        self,
+        model: Any,
+        settings: SamplerSettings,
+        noise: str = "uniform",
+        mask_token_id: int | None = None,
+        eos_ids: list[int] | None = None,
+        newline_ids: list[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.noise = noise
+        self.mask_token_id = mask_token_id
+        self.vocab_size = int(model.config.text_config.vocab_size)
+        self.canvas_length = int(model.config.canvas_length)
+        device = model.device
+        self.eos_ids = torch.tensor(eos_ids or [], dtype=torch.long, device=device)
+        ends_line = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
+        if newline_ids:
+            ends_line[torch.tensor(newline_ids, device=device)] = True
+        self.ends_line = ends_line  # [V] tokens that contain a newline
+        self.embed_dtype = model.model.decoder.embed_tokens.weight.dtype
+
+    def noise_like(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        device = self.model.device
+        if self.noise == "mask":
+            return torch.full((batch, self.canvas_length), self.mask_token_id, dtype=torch.long, device=device)
+        return torch.randint(0, self.vocab_size, (batch, self.canvas_length), device=device, generator=generator)
+
+    @torch.no_grad()
+    def run(
+        self,
+        cache_view: Any,
+        prompt_length: int,
+        batch: int,
+        generator: torch.Generator | None,
+        control: DenoiseControl,
+        seed_canvas: torch.Tensor | None = None,  # [C] start tokens
+        fixed: torch.Tensor | None = None,  # [C] bool: positions that never change
+    ) -> DenoiseOutput:
+        s, model, device = self.settings, self.model, self.model.device
+        canvas = self.noise_like(batch, generator)  # canvas: [B, C]
+        if seed_canvas is not None:
+            canvas = seed_canvas.to(device).expand(batch, -1).clone()
+            if fixed is not None:
+                canvas = torch.where(fixed, canvas, self.noise_like(batch, generator))
+        argmax = canvas
+        positions = torch.arange(prompt_length, prompt_length + self.canvas_length, dtype=torch.int32, device=device)
+        positions = positions.unsqueeze(0)
+        mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=model.config,
+            inputs_embeds=canvas.unsqueeze(-1),
+            past_key_values=cache_view,
+            decoder_attention_mask=torch.ones((batch, prompt_length + self.canvas_length), dtype=torch.bool,
+                                              device=device),
+        )
+        self_conditioning: torch.Tensor | None = None
+        history = torch.full((s.stability_threshold, batch, self.canvas_length), -1, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        committed = [0] * batch
+        forwards = torch.zeros(batch, dtype=torch.long, device=device)
+        processed = None
+        steps, stop_reason, step_seconds = 0, "max_steps", 0.0
+        for cur_step in range(s.max_steps, 0, -1):
+            if control.cancelled is not None and control.cancelled():
+                stop_reason = "cancelled"
+                break
+            if steps and control.deadline is not None and time.monotonic() + step_seconds > control.deadline:
+                stop_reason = "deadline"
+                break
+            started = time.monotonic()
+            forwards += (~finished).long()
+            logits = model(
+                decoder_input_ids=canvas,
+                self_conditioning_logits=self_conditioning,
+                decoder_attention_mask=mask_mapping,
+                past_key_values=cache_view,
+                decoder_position_ids=positions,
+            ).logits  # [B, C, V] float32
+            temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
+            new_processed = logits / temperature
+            if self.noise == "mask":
+                new_processed[..., self.mask_token_id] = float("-inf")
+            sampled = torch.multinomial(
+                torch.softmax(new_processed, dim=-1, dtype=torch.float32).view(-1, self.vocab_size),
+                num_samples=1,
+                generator=generator,
+            ).view(batch, self.canvas_length)
+            new_argmax = new_processed.argmax(dim=-1)
+            entropy = torch.distributions.Categorical(logits=new_processed).entropy()  # [B, C]
+            sorted_entropy, order = torch.sort(entropy, dim=-1)
+            selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= s.entropy_bound
+            accepted = torch.scatter(torch.zeros_like(selected), -1, order, selected)  # [B, C] bool
+            if fixed is not None and seed_canvas is not None:
+                accepted = accepted | fixed
+                sampled = torch.where(fixed, canvas, sampled)
+                new_argmax = torch.where(fixed, canvas, new_argmax)
+            new_canvas = torch.where(accepted, sampled, canvas)
+            new_canvas = torch.where(~accepted, self.noise_like(batch, generator), new_canvas)
+            if finished.any():
+                new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+                new_canvas = torch.where(finished[:, None], canvas, new_canvas)
+                new_processed = torch.where(finished[:, None, None], processed, new_processed)
+            stable = (history == new_argmax[None]).all(dim=-1).all(dim=0) if s.stability_threshold else True
+            history = torch.roll(history, shifts=-1, dims=0)
+            if s.stability_threshold:
+                history[-1] = new_argmax
+            mean_entropy = torch.distributions.Categorical(logits=new_processed).entropy().mean(dim=-1)
+            finished |= stable & (mean_entropy < s.confidence_threshold)
+            canvas, argmax, processed = new_canvas, new_argmax, new_processed
+            self_conditioning = processed.to(self.embed_dtype)
+            steps += 1
+            step_seconds = time.monotonic() - started
+            if control.commit is not None:
+                self._commit(argmax, accepted & (sampled == argmax), control.commit, finished, committed)
+                if all(committed[row] or finished[row] for row in range(batch)) and any(committed):
+                    stop_reason = "early_commit"
+                    break
+            if bool(finished.all()):
+                stop_reason = "converged"
+                break
+        score = self._score(processed, argmax) if processed is not None else torch.zeros(batch)
+        return DenoiseOutput(
+            canvas=argmax,
+            committed=committed,
+            score=score,
+            steps=steps,
+            forwards=forwards.tolist(),
+            converged=bool(finished.all()) or stop_reason == "early_commit",
+            cancelled=stop_reason == "cancelled",
+            stop_reason=stop_reason,
+        )
+
+    def _commit(
+        self, argmax: torch.Tensor, settled: torch.Tensor, mode: str, finished: torch.Tensor, committed: list[int]
+    ) -> None:
+        """Mark rows whose text up to the first line end (line mode) or EOS (block mode) is settled."""
+        is_end = torch.isin(argmax, self.eos_ids)
+        if mode == "line":
+            is_end = is_end | self.ends_line[argmax]
+        for row in range(argmax.shape[0]):
+            if committed[row] or bool(finished[row]):
+                continue
+            ends = torch.nonzero(is_end[row]).flatten()
+            if len(ends) and bool(settled[row, : int(ends[0]) + 1].all()):
+                committed[row] = int(ends[0]) + 1
+
+    @staticmethod
+    def _score(processed: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(processed.float(), dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+        return torch.nan_to_num(log_probs, neginf=-1e4).mean(dim=-1)

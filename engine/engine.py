@@ -1,0 +1,204 @@
+"""`Engine`: one loaded model answering `FillRequest`s, synchronously, on the caller's thread.
+
+Startup order reads top to bottom in `__init__`: model and tokenizer are given (see `loading`), then the prompt
+template, the sampler settings, the prompt cache. `fill` is the whole request path: render the prompt, reuse or
+extend an encoded prefix, denoise, turn tokens into text. Scheduling, sockets and superseding live elsewhere
+(`scheduler`, `server`); this module never blocks on anything but the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
+from engine.fill import FillRequest, FillRequestError, FillResult
+from engine.loading import LoadedModel
+from engine.prompt_cache import PromptCache, decode_view, new_recording_cache, sliced_cache
+from engine.templates import PromptBuilder, PromptTemplate, load_template
+
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        template: PromptTemplate | str | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        settings: SamplerSettings | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        if not isinstance(template, PromptTemplate):
+            template = load_template(template or loaded.template or "diffusiongemma-it")
+        self.template = template
+        self.builder = PromptBuilder(self.tokenizer, template)
+        self.text_config = self.model.config.get_text_config(decoder=True)
+        self.settings = settings or SamplerSettings.from_generation_config(self.model.generation_config)
+        self.eos_ids = _as_list(self.model.generation_config.eos_token_id or self.text_config.eos_token_id)
+        self.pad_id = self.text_config.pad_token_id
+        self.denoiser = Denoiser(
+            self.model,
+            self.settings,
+            noise=loaded.noise,
+            mask_token_id=loaded.mask_token_id,
+            eos_ids=self.eos_ids,
+            newline_ids=self._newline_token_ids(),
+        )
+        self.cache = PromptCache(cache_bytes)
+        self.max_positions = int(self.text_config.max_position_embeddings)
+
+    def _newline_token_ids(self) -> list[int]:
+        """Every vocabulary entry whose text contains a line break (the line-mode commit points)."""
+        vocab_size = int(self.text_config.vocab_size)
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(self.tokenizer)))))
+        newline_ids = []
+        for index, piece in enumerate(pieces):
+            if piece and ("\n" in piece or "Ċ" in piece):  # Ċ: byte-level BPE's spelling of "\n"
+                newline_ids.append(index)
+        return newline_ids
+
+    @torch.no_grad()
+    def fill(self, request: FillRequest, cancelled: Callable[[], bool] | None = None) -> FillResult:
+        started = time.monotonic()
+        deadline = started + request.deadline_ms / 1000.0
+        ids = self.builder.render(request)
+        canvas_length = self.denoiser.canvas_length
+        if len(ids) + canvas_length > self.max_positions:
+            raise FillRequestError(
+                f"prompt of {len(ids)} tokens plus a {canvas_length}-token canvas exceeds the model's "
+                f"{self.max_positions} positions; lower the template budgets"
+            )
+        tokenized = time.monotonic()
+        full_cache, cached_tokens = self._encode(tuple(ids), use_cache=request.use_cache)
+        encoded = time.monotonic()
+
+        seed, fixed = self._seed_canvas(request)
+        generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
+        output = self.denoiser.run(
+            decode_view(full_cache, self.text_config, batch=request.candidates),
+            prompt_length=len(ids),
+            batch=request.candidates,
+            generator=generator,
+            control=DenoiseControl(
+                deadline=deadline,
+                cancelled=cancelled,
+                commit=request.mode if request.early_commit else None,
+            ),
+            seed_canvas=seed,
+            fixed=fixed,
+        )
+        denoised = time.monotonic()
+        texts, valid_tokens = [], 0
+        for row in range(request.candidates):
+            tokens = output.canvas[row].tolist()
+            if output.committed[row]:
+                tokens = tokens[: output.committed[row]]
+            tokens = self._until_eos(tokens)
+            valid_tokens += len(tokens)
+            texts.append(self._finish_text(tokens, request.mode))
+        order = sorted(range(len(texts)), key=lambda row: -float(output.score[row]))
+        candidates = list(dict.fromkeys(texts[row] for row in order))
+        forwards = max(sum(output.forwards), 1)
+        return FillResult(
+            text=candidates[0],
+            candidates=candidates,
+            steps=output.steps,
+            prompt_tokens=len(ids),
+            cached_prompt_tokens=cached_tokens,
+            converged=output.converged,
+            cancelled=output.cancelled,
+            tokens_per_forward=round(valid_tokens / forwards, 3),
+            stop_reason=output.stop_reason,
+            timings={
+                "total_ms": _ms(started, time.monotonic()),
+                "tokenize_ms": _ms(started, tokenized),
+                "encode_ms": _ms(tokenized, encoded),
+                "denoise_ms": _ms(encoded, denoised),
+            },
+        )
+
+    def _encode(self, tokens: tuple[int, ...], use_cache: bool) -> tuple[Any, int]:
+        """Full (past-recording) cache for `tokens`, reusing the longest cached prefix when allowed."""
+        entry, reused = self.cache.longest_prefix(tokens) if use_cache else (None, 0)
+        if entry is not None and reused:
+            cache = sliced_cache(entry.cache, reused, self.text_config)
+        else:
+            cache, reused = new_recording_cache(self.text_config), 0
+        if reused < len(tokens):
+            new_ids = torch.tensor([tokens[reused:]], dtype=torch.long, device=self.model.device)
+            positions = torch.arange(reused, len(tokens), dtype=torch.int32, device=self.model.device).unsqueeze(0)
+            attention = torch.ones((1, len(tokens)), dtype=torch.bool, device=self.model.device)
+            masks = self.model.model.encoder.create_masks_for_generate(
+                config=self.model.config,
+                inputs_embeds=torch.empty((1, len(tokens) - reused, 0), dtype=self.model.dtype,
+                                          device=self.model.device),
+                attention_mask=attention,
+                past_key_values=cache,
+                position_ids=positions,
+            )
+            cache = self.model.model.encoder(
+                input_ids=new_ids, attention_mask=masks, past_key_values=cache, position_ids=positions
+            ).past_key_values
+        if use_cache:
+            self.cache.put(tokens, cache)
+        return cache, reused
+
+    def _seed_canvas(self, request: FillRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if request.seed_canvas is None:
+            return None, None
+        canvas_length = self.denoiser.canvas_length
+        ids = self.builder.text_ids(request.seed_canvas)[:canvas_length]
+        device = self.model.device
+        seed = torch.full((canvas_length,), self.pad_id, dtype=torch.long, device=device)
+        seed[: len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        if not request.keep_fixed:
+            return seed, None
+        fixed = torch.zeros(canvas_length, dtype=torch.bool, device=device)
+        fixed[: len(ids)] = True
+        return seed, fixed
+
+    def _until_eos(self, tokens: list[int]) -> list[int]:
+        for index, token in enumerate(tokens):
+            if token in self.eos_ids:
+                return tokens[:index]
+        return [t for t in tokens if t != self.pad_id]
+
+    def _finish_text(self, tokens: list[int], mode: str) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in self.template.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        if mode == "line" and "\n" in text:
+            text = text[: text.index("\n")]
+        return text
+
+    def describe(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "model": str(loaded.path),
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "parameters": loaded.parameters,
+            "template": self.template.name,
+            "noise": loaded.noise,
+            "canvas_length": self.denoiser.canvas_length,
+            "max_denoising_steps": self.settings.max_steps,
+            "cache_bytes": self.cache.nbytes,
+            "cache_entries": len(self.cache.entries),
+        }
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 2)

@@ -1,0 +1,172 @@
+"""One worker thread owns the model; requests wait in a priority queue and newer ones supersede older ones.
+
+Interactive fills run before rewrites; within a priority, first come first served. A fill for a document
+supersedes every queued or running fill of the same document with an older or equal version (editors such as
+Neovim never cancel automatic requests): queued ones are answered `superseded` at once, a running one stops at
+its next denoising step. Results are handed back to the asyncio loop that submitted them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.fill import FillRequest, FillRequestError, FillResult
+
+log = logging.getLogger("dgls.engine")
+PRIORITY = {"interactive": 0, "rewrite": 1}
+
+
+class FillError(Exception):
+    """A fill that ended without a result; `code` is one of `engine.protocol.ERROR_CODES`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(order=True)
+class Job:
+    sort_key: tuple[int, int]
+    request: FillRequest = field(compare=False)
+    future: asyncio.Future[FillResult] = field(compare=False)
+    loop: asyncio.AbstractEventLoop = field(compare=False)
+    cancel_event: threading.Event = field(default_factory=threading.Event, compare=False)
+    cancel_code: str = field(default="cancelled", compare=False)
+
+    def cancel(self, code: str) -> None:
+        self.cancel_code = code
+        self.cancel_event.set()
+
+
+class Scheduler:
+    """Runs `fill(request, cancelled)` for queued jobs on a single worker thread."""
+
+    def __init__(self, fill: Callable[[FillRequest, Callable[[], bool]], FillResult]) -> None:
+        self.fill = fill
+        self.queue: list[Job] = []
+        self.running: Job | None = None
+        self.counter = itertools.count()
+        self.lock = threading.Condition()
+        self.stopped = False
+        self.served = 0
+        self.last_latency_ms: float | None = None
+        self.thread = threading.Thread(target=self._work, name="dgls-engine-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for job in self.queue:
+                self._resolve(job, error=FillError("shutting_down", "the engine is stopping"))
+            self.queue.clear()
+            if self.running is not None:
+                self.running.cancel("shutting_down")
+            self.lock.notify_all()
+
+    def submit(self, request: FillRequest) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job((PRIORITY[request.priority], next(self.counter)), request, loop.create_future(), loop)
+        with self.lock:
+            if self.stopped:
+                self._resolve(job, error=FillError("shutting_down", "the engine is stopping"))
+                return job
+            if request.document:
+                self._supersede(request)
+            heapq.heappush(self.queue, job)
+            self.lock.notify()
+        return job
+
+    def _supersede(self, newer: FillRequest) -> None:
+        def older(job: Job) -> bool:
+            return job.request.document == newer.document and job.request.version <= newer.version
+
+        kept = []
+        for job in self.queue:
+            if older(job):
+                self._resolve(job, error=FillError("superseded", f"superseded by version {newer.version}"))
+            else:
+                kept.append(job)
+        if len(kept) != len(self.queue):
+            self.queue = kept
+            heapq.heapify(self.queue)
+        if self.running is not None and older(self.running):
+            self.running.cancel("superseded")
+
+    def cancel(self, job: Job) -> None:
+        with self.lock:
+            if job in self.queue:
+                self.queue.remove(job)
+                heapq.heapify(self.queue)
+                self._resolve(job, error=FillError("cancelled", "the request was cancelled"))
+            else:
+                job.cancel("cancelled")
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "queued": len(self.queue),
+                "running": self.running is not None,
+                "requests_served": self.served,
+                "last_latency_ms": self.last_latency_ms,
+            }
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not self.stopped:
+                    self.lock.wait()
+                if self.stopped:
+                    return
+                job = heapq.heappop(self.queue)
+                self.running = job
+            self._run(job)
+            with self.lock:
+                self.running = None
+
+    def _run(self, job: Job) -> None:
+        try:
+            result = self.fill(job.request, job.cancel_event.is_set)
+        except FillRequestError as exc:
+            self._resolve(job, error=FillError("bad_request", str(exc)))
+            return
+        except torch.OutOfMemoryError as exc:
+            log.warning("out of memory on a request: %s", exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._resolve(job, error=FillError("out_of_memory", f"out of memory: {str(exc)[:200]}"))
+            return
+        except Exception as exc:  # the engine must outlive any one request
+            log.exception("fill failed")
+            self._resolve(job, error=FillError("internal", f"{type(exc).__name__}: {exc}"))
+            return
+        if result.cancelled or job.cancel_event.is_set():
+            self._resolve(job, error=FillError(job.cancel_code, f"request {job.cancel_code}"))
+            return
+        with self.lock:
+            self.served += 1
+            self.last_latency_ms = result.timings.get("total_ms")
+        self._resolve(job, result=result)
+
+    @staticmethod
+    def _resolve(job: Job, result: FillResult | None = None, error: FillError | None = None) -> None:
+        def settle() -> None:
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)  # type: ignore[arg-type]
+
+        job.loop.call_soon_threadsafe(settle)

@@ -1,0 +1,251 @@
+"""The resident engine process: an asyncio server on a Unix socket in front of one `Engine`.
+
+Startup order: refuse if another engine answers on the socket, listen (so `status` can report loading
+progress), load the model in a thread, start the scheduler's worker. Each connection may have many requests
+in flight; `cancel` names a fill by its message id. Every bad frame or failing request gets an error reply
+and the engine keeps serving. Optional idle timeout: the process exits after that many seconds without a
+request, which frees the model (clients start it again on demand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.checkpoint import check_checkpoint_dir, default_model_dir
+from engine.engine import DEFAULT_CACHE_BYTES, Engine
+from engine.fill import FillRequest, FillRequestError
+from engine.loading import load_checkpoint
+from engine.protocol import (
+    HEADER,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    decode_body,
+    encode_frame,
+    error_reply,
+    ok_reply,
+    prepare_socket_dir,
+)
+from engine.scheduler import FillError, Job, Scheduler
+from engine.templates import load_template
+
+log = logging.getLogger("dgls.engine")
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    socket_path: Path
+    model: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    template: str | None = None
+    idle_timeout: float | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ValueError("--idle-timeout must be a positive number of seconds")
+
+
+class EngineAlreadyRunning(Exception):
+    pass
+
+
+def socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+class EngineServer:
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.model_dir = options.model or default_model_dir()
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.ready = asyncio.Event()
+        self.load_error: str | None = None
+        self.load_progress = 0.0
+        self.started = time.monotonic()
+        self.last_activity = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def run(self) -> None:
+        path = self.options.socket_path
+        check_checkpoint_dir(self.model_dir)  # fail before listening: a bad --model is one clear message
+        if self.options.template is not None:
+            load_template(self.options.template)
+        prepare_socket_dir(path)
+        if path.exists():
+            if socket_answers(path):
+                raise EngineAlreadyRunning(f"an engine already answers on {path}; run 'dgls engine stop' first")
+            path.unlink()
+        self.server = await asyncio.start_unix_server(self._connection, path=str(path), limit=MAX_FRAME_BYTES)
+        os.chmod(path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stopping.set)
+        log.info("engine listening on %s (pid %d)", path, os.getpid())
+        tasks = [asyncio.create_task(self._load()), asyncio.create_task(self._idle_watch())]
+        try:
+            await self.stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self.scheduler is not None:
+                self.scheduler.stop()
+            self.server.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            log.info("engine stopped")
+
+    async def _load(self) -> None:
+        def progress(fraction: float) -> None:
+            self.load_progress = fraction
+
+        try:
+            loaded = await asyncio.to_thread(
+                load_checkpoint, self.model_dir, self.options.device, self.options.dtype, progress
+            )
+            self.engine = await asyncio.to_thread(
+                Engine, loaded, self.options.template, self.options.cache_bytes
+            )
+        except Exception as exc:  # CheckpointError or anything else: reported through status and every fill
+            self.load_error = str(exc)
+            log.error("model failed to load: %s", exc)
+            self.ready.set()
+            return
+        self.scheduler = Scheduler(self.engine.fill)
+        self.scheduler.start()
+        self.ready.set()
+        log.info("model ready: %s", self.engine.describe())
+
+    async def _idle_watch(self) -> None:
+        timeout = self.options.idle_timeout
+        if timeout is None:
+            return
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            busy = self.scheduler is not None and self.scheduler.status()["running"]
+            if not busy and time.monotonic() - self.last_activity > timeout:
+                log.info("idle for %.0f s: exiting to free the model", timeout)
+                self.stopping.set()
+                return
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "ready": self.engine is not None and self.scheduler is not None,
+            "loading": not self.ready.is_set(),
+            "loading_progress": round(self.load_progress, 3),
+            "error": self.load_error,
+            "model": str(self.model_dir),
+            "device": self.options.device,
+            "pid": os.getpid(),
+            "protocol": PROTOCOL_VERSION,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "socket": str(self.options.socket_path),
+        }
+        if self.engine is not None:
+            status.update(self.engine.describe())
+        if self.scheduler is not None:
+            status.update(self.scheduler.status())
+        return status
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        write_lock = asyncio.Lock()
+        jobs: dict[int, Job] = {}
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def send(message: dict[str, Any]) -> None:
+            async with write_lock:
+                writer.write(encode_frame(message))
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(HEADER.size)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                (length,) = HEADER.unpack(header)
+                if length > MAX_FRAME_BYTES:
+                    await send(error_reply(None, "too_large", f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}"))
+                    break  # the stream cannot be resynchronised
+                try:
+                    body = await reader.readexactly(length)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                task = asyncio.create_task(self._handle(body, send, jobs))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for job in jobs.values():
+                if self.scheduler is not None:
+                    self.scheduler.cancel(job)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _handle(self, body: bytes, send: Any, jobs: dict[int, Job]) -> None:
+        message_id = None
+        try:
+            message = decode_body(body)
+            message_id = message["id"]
+            kind = message["type"]
+            if kind == "status":
+                await send(ok_reply(message_id, self.status()))
+            elif kind == "shutdown":
+                await send(ok_reply(message_id, {"stopping": True}))
+                self.stopping.set()
+            elif kind == "cancel":
+                target = jobs.get(message.get("target", -1))
+                if target is not None and self.scheduler is not None:
+                    self.scheduler.cancel(target)
+                await send(ok_reply(message_id, {"cancelled": target is not None}))
+            else:
+                self.last_activity = time.monotonic()
+                result = await self._fill(message, message_id, jobs)
+                await send(ok_reply(message_id, result))
+                self.last_activity = time.monotonic()
+        except ProtocolError as exc:
+            await send(error_reply(message_id, exc.code, exc.message))
+        except FillRequestError as exc:
+            await send(error_reply(message_id, "bad_request", str(exc)))
+        except FillError as exc:
+            await send(error_reply(message_id, exc.code, exc.message))
+        except Exception as exc:  # never let one message take the connection or the engine down
+            log.exception("message failed")
+            await send(error_reply(message_id, "internal", f"{type(exc).__name__}: {exc}"))
+
+    async def _fill(self, message: dict[str, Any], message_id: int, jobs: dict[int, Job]) -> dict[str, Any]:
+        request = FillRequest.from_dict(message.get("request"))
+        await self.ready.wait()
+        if self.scheduler is None:
+            raise FillError("not_ready", f"the model failed to load: {self.load_error}")
+        job = self.scheduler.submit(request)
+        jobs[message_id] = job
+        try:
+            return (await job.future).to_dict()
+        finally:
+            jobs.pop(message_id, None)
+
+
+def serve(options: ServeOptions) -> None:
+    """Run the engine in the foreground until shutdown, a signal or the idle timeout."""
+    asyncio.run(EngineServer(options).run())

@@ -1,0 +1,160 @@
+"""Prompt templates: how a fill request becomes the token ids the causal encoder reads.
+
+A template is data (JSON, shipped in `engine/templates/` or given as a file path): a list of segments whose
+order decides what is reused across keystrokes. Fields `{prefix}`, `{suffix}`, `{context}`, `{language}`,
+`{path}` are filled from the request; everything else is literal and may contain the model's special tokens.
+User text is tokenized with special tokens split, so code that contains e.g. "<eos>" never becomes a control
+token. The prefix window is cut at line boundaries on a fixed grid, so it stays identical (and its KV cache
+reusable) while the user types on the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from engine.fill import FillRequest
+
+FIELD = re.compile(r"\{(prefix|suffix|context|language|path|text)\}")
+LINE_GRID = 8  # the prefix window starts on an absolute line number that is a multiple of this
+CHARS_PER_TOKEN_CAP = 32  # never tokenize more than budget * this many characters of one side
+
+
+class TemplateError(Exception):
+    """A template that cannot be found or parsed; the message names the file or name and the fix."""
+
+
+@dataclass(slots=True)
+class PromptTemplate:
+    name: str
+    segments: list[str]
+    context_item: str = "{path}\n{text}\n"
+    stop: list[str] = field(default_factory=list)
+    budgets: dict[str, int] = field(default_factory=lambda: {"prefix": 256, "suffix": 128, "context": 256})
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str) -> PromptTemplate:
+        if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
+            raise TemplateError(f"template {origin} must be a JSON object with a 'segments' list")
+        if "{prefix}" not in data["segments"]:
+            raise TemplateError(f"template {origin} has no '{{prefix}}' segment; the prefix must be a segment")
+        budgets = {"prefix": 256, "suffix": 128, "context": 256, **data.get("budgets", {})}
+        if not all(isinstance(v, int) and v >= 0 for v in budgets.values()):
+            raise TemplateError(f"template {origin}: budgets must be non-negative integers")
+        return cls(
+            name=str(data.get("name", origin)),
+            segments=[str(s) for s in data["segments"]],
+            context_item=str(data.get("context_item", "{path}\n{text}\n")),
+            stop=[str(s) for s in data.get("stop", [])],
+            budgets=budgets,
+            description=str(data.get("description", "")),
+        )
+
+
+def shipped_template_names() -> list[str]:
+    folder = resources.files("engine") / "templates"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_template(name_or_path: str) -> PromptTemplate:
+    """A shipped template by name (`dgls-fim`, `diffusiongemma-it`) or a JSON file by path."""
+    if name_or_path in shipped_template_names():
+        text = (resources.files("engine") / "templates" / f"{name_or_path}.json").read_text(encoding="utf-8")
+        origin = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise TemplateError(
+                f"template {name_or_path!r} is neither a shipped template ({', '.join(shipped_template_names())}) "
+                "nor a JSON file"
+            )
+        text, origin = path.read_text(encoding="utf-8"), str(path)
+    try:
+        return PromptTemplate.from_dict(json.loads(text), origin)
+    except json.JSONDecodeError as exc:
+        raise TemplateError(f"template {origin} is not valid JSON: {exc}") from None
+
+
+class PromptBuilder:
+    """Renders requests into prompt ids with one tokenizer and one template."""
+
+    def __init__(self, tokenizer: Any, template: PromptTemplate) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def text_ids(self, text: str) -> list[int]:
+        """Ids of user text; special-token strings inside it stay plain text."""
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def literal_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def render(self, request: FillRequest) -> list[int]:
+        values = {"language": request.language or "code", "path": request.path or "untitled"}
+        ids: list[int] = []
+        for segment in self.template.segments:
+            if segment == "{prefix}":
+                ids += self.prefix_ids(request.prefix)
+            elif segment == "{suffix}":
+                ids += self.suffix_ids(request.suffix)
+            elif segment == "{context}":
+                ids += self.context_ids(request)
+            else:
+                ids += self._literal_with_fields(segment, values)
+        return ids
+
+    def _literal_with_fields(self, segment: str, values: dict[str, str]) -> list[int]:
+        ids: list[int] = []
+        position = 0
+        for match in FIELD.finditer(segment):
+            ids += self.literal_ids(segment[position : match.start()])
+            ids += self.text_ids(values.get(match.group(1), ""))
+            position = match.end()
+        return ids + self.literal_ids(segment[position:])
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        budget = self.template.budgets["suffix"]
+        return self.text_ids(suffix[: budget * CHARS_PER_TOKEN_CAP])[:budget]
+
+    def prefix_ids(self, prefix: str) -> list[int]:
+        """The end of the prefix that fits the budget, starting on a grid line so it is stable while typing."""
+        budget = self.template.budgets["prefix"]
+        lines = prefix.split("\n")
+        first = max(0, len(lines) - budget - 1)  # every line costs at least one token (its newline)
+        while True:
+            start = _round_up(first, LINE_GRID) if first else 0
+            start = min(start, len(lines) - 1)
+            window = "\n".join(lines[start:])[-budget * CHARS_PER_TOKEN_CAP :]
+            ids = self.text_ids(window)
+            if len(ids) <= budget or start == len(lines) - 1:
+                return ids[-budget:]
+            first = start + max(1, _lines_to_drop(lines[start:], len(ids) - budget))
+
+    def context_ids(self, request: FillRequest) -> list[int]:
+        budget = self.template.budgets["context"]
+        ids: list[int] = []
+        for snippet in request.context:
+            if len(ids) >= budget:
+                break
+            ids += self._literal_with_fields(self.template.context_item, {"path": snippet.path, "text": snippet.text})
+        return ids[:budget]
+
+
+def _round_up(value: int, grid: int) -> int:
+    return -(-value // grid) * grid
+
+
+def _lines_to_drop(lines: list[str], excess_tokens: int) -> int:
+    """A guess of how many leading lines hold `excess_tokens` tokens (about 4 characters a token)."""
+    dropped, chars = 0, 0
+    while dropped < len(lines) - 1 and chars < excess_tokens * 4:
+        chars += len(lines[dropped]) + 1
+        dropped += 1
+    return dropped

@@ -1,0 +1,100 @@
+"""The `dgls` command line, run as a user runs it: subprocesses, a background engine, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOURCE = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return \n"
+
+
+def dgls(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dgls", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def socket_path(tmp_path_factory) -> Path:
+    return Path(tmp_path_factory.mktemp("cli")) / "engine.sock"
+
+
+@pytest.fixture(scope="module")
+def source_file(tmp_path_factory) -> Path:
+    path = Path(tmp_path_factory.mktemp("src")) / "calc.py"
+    path.write_text(SOURCE)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_engine(socket_path):
+    yield
+    dgls("engine", "stop", "--socket", str(socket_path))
+
+
+def test_status_without_engine(tmp_path) -> None:
+    result = dgls("engine", "status", "--json", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["ready"] is False
+
+
+def test_complete_starts_the_engine_and_reuses_the_prompt_cache(socket_path, source_file, tiny_model_dir) -> None:
+    common = ["--socket", str(socket_path), "--model", str(tiny_model_dir), "--json", "--device", "cpu"]
+    first = dgls("complete", f"{source_file}:6:12", *common)
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    for key in ("text", "candidates", "steps", "prompt_tokens", "cached_prompt_tokens", "converged", "timings"):
+        assert key in result
+    assert {"total_ms", "encode_ms", "denoise_ms"} <= set(result["timings"])
+    # one more typed character: the engine reuses the encoded prompt
+    source_file.write_text(SOURCE.replace("return \n", "return a\n"))
+    second = json.loads(dgls("complete", f"{source_file}:6:13", *common).stdout.strip().splitlines()[-1])
+    assert second["cached_prompt_tokens"] >= 0.9 * second["prompt_tokens"]
+    status = dgls("engine", "status", "--json", "--socket", str(socket_path))
+    assert status.returncode == 0 and json.loads(status.stdout)["requests_served"] >= 2
+
+
+def test_complete_prints_plain_text_without_json(socket_path, source_file, tiny_model_dir) -> None:
+    result = dgls("complete", f"{source_file}:1:5", "--socket", str(socket_path), "--model", str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr
+    assert "{" not in result.stdout.splitlines()[0] if result.stdout.strip() else True
+
+
+@pytest.mark.parametrize(
+    "position, message",
+    [
+        ("missing.py:1:1", "does not exist"),
+        ("{file}:99:1", "line 99 is outside it"),
+        ("{file}:1:500", "column 500 is outside it"),
+        ("{file}", "must look like FILE:LINE:COL"),
+    ],
+)
+def test_bad_positions_are_one_line_errors(source_file, socket_path, position, message) -> None:
+    result = dgls("complete", position.format(file=source_file), "--socket", str(socket_path))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_start_with_a_bad_model_is_one_clear_line(tmp_path) -> None:
+    result = dgls("engine", "start", "--socket", str(tmp_path / "e.sock"), "--model", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_a_non_diffusion_checkpoint(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    result = dgls("engine", "serve", "--socket", str(tmp_path / "e.sock"), "--model", str(tmp_path))
+    assert result.returncode == 1
+    assert "not 'diffusion_gemma'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stop_stops_the_engine(socket_path, tiny_model_dir, source_file) -> None:
+    start = dgls("engine", "start", "--socket", str(socket_path), "--model", str(tiny_model_dir))
+    assert start.returncode == 0, start.stderr
+    assert dgls("engine", "stop", "--socket", str(socket_path)).returncode == 0
+    assert dgls("engine", "status", "--socket", str(socket_path)).returncode == 1

@@ -1,0 +1,157 @@
+"""The denoising loop on real tiny models: parity with transformers, deadline, early commit, cancellation,
+candidates, seeded canvases, and both noise processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from engine.engine import Engine
+from engine.fill import FillRequest
+from engine.loading import load_checkpoint
+
+PREFIX = "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        "
+SUFFIX = "\n\n    def pop(self):\n        return self.items.pop()\n"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine(load_checkpoint(tiny_model_dir, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def mask_engine(tiny_mask_model_dir) -> Engine:
+    return Engine(load_checkpoint(tiny_mask_model_dir, device="cpu"))
+
+
+def request(**overrides) -> FillRequest:
+    values = dict(prefix=PREFIX, suffix=SUFFIX, deadline_ms=60_000, early_commit=False, use_cache=False)
+    values.update(overrides)
+    return FillRequest(**values)
+
+
+def canvas_tokens(engine: Engine, fill: FillRequest) -> list[int]:
+    """The raw canvas our loop produces (before text post-processing)."""
+    ids = engine.builder.render(fill)
+    full, _ = engine._encode(tuple(ids), use_cache=False)
+    from engine.denoiser import DenoiseControl
+    from engine.prompt_cache import decode_view
+
+    out = engine.denoiser.run(
+        decode_view(full, engine.text_config), len(ids), 1, torch.Generator().manual_seed(fill.seed), DenoiseControl()
+    )
+    return out.canvas[0].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_fill_equals_transformers_generate_token_for_token(engine: Engine, seed: int) -> None:
+    fill = request(seed=seed)
+    ids = engine.builder.render(fill)
+    torch.manual_seed(seed)
+    reference = engine.model.generate(torch.tensor([ids]), max_new_tokens=engine.denoiser.canvas_length)
+    expected = reference.sequences[0, len(ids):].tolist()
+    ours = canvas_tokens(engine, fill)
+    # generate pads after the first EOS; compare up to and including it
+    eos = expected.index(1) + 1 if 1 in expected else len(expected)
+    assert ours[:eos] == expected[:eos]
+
+
+def test_result_reports_steps_and_timings(engine: Engine) -> None:
+    result = engine.fill(request())
+    assert 1 <= result.steps <= engine.settings.max_steps
+    assert result.prompt_tokens == len(engine.builder.render(request()))
+    assert result.timings["total_ms"] >= result.timings["denoise_ms"] > 0
+    assert result.stop_reason in ("converged", "max_steps")
+
+
+def test_deadline_returns_the_draft_so_far(engine: Engine) -> None:
+    slow = engine.fill(request(deadline_ms=60_000))
+    assert slow.steps > 1, "the tiny model must need more than one step for this test to mean anything"
+    rushed = engine.fill(request(deadline_ms=0.001))
+    assert rushed.steps == 1
+    assert rushed.converged is False
+    assert rushed.stop_reason == "deadline"
+    assert isinstance(rushed.text, str)
+
+
+def test_early_commit_stops_once_the_line_is_settled(engine: Engine) -> None:
+    # A fixed seed canvas ending in a newline settles the line in the first step.
+    seeded = dict(seed_canvas="self.items.append(item)\n", keep_fixed=True, mode="line")
+    full = engine.fill(request(**seeded, early_commit=False))
+    early = engine.fill(request(**seeded, early_commit=True))
+    assert early.stop_reason == "early_commit"
+    assert early.steps == 1 < full.steps
+    assert early.text == "self.items.append(item)"
+    assert early.converged is True
+
+
+def test_line_mode_commits_at_the_first_newline_block_mode_at_eos(engine: Engine) -> None:
+    newline = engine.builder.text_ids("\n")[0]
+    row = [40, 41, newline, 42, 43, 1, 44, 45]  # "..", newline, "..", EOS, ...
+    argmax = torch.tensor([row])
+    settled = torch.ones_like(argmax, dtype=torch.bool)
+    finished = torch.zeros(1, dtype=torch.bool)
+    for mode, expected in (("line", 3), ("block", 6)):
+        committed = [0]
+        engine.denoiser._commit(argmax, settled, mode, finished, committed)
+        assert committed == [expected]
+    unsettled = settled.clone()
+    unsettled[0, 1] = False  # a token before the line end is still uncertain: no commit
+    committed = [0]
+    engine.denoiser._commit(argmax, unsettled, "line", finished, committed)
+    assert committed == [0]
+
+
+def test_cancellation_stops_at_the_next_step(engine: Engine) -> None:
+    polls = {"n": 0}
+
+    def cancelled_after_first_step() -> bool:
+        polls["n"] += 1
+        return polls["n"] > 1
+
+    result = engine.fill(request(), cancelled=cancelled_after_first_step)
+    assert result.cancelled is True
+    assert result.steps == 1
+
+
+def test_candidates_are_one_batch_with_different_samples(engine: Engine) -> None:
+    calls = {"n": 0}
+    original = engine.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    engine.model.forward = counting_forward
+    try:
+        result = engine.fill(request(candidates=4, mode="block"))
+    finally:
+        engine.model.forward = original
+    assert calls["n"] == result.steps  # one decoder forward per step for all four candidates
+    assert 2 <= len(result.candidates) <= 4  # random rows differ; duplicates are merged
+    assert result.text == result.candidates[0]
+
+
+def test_seeded_canvas_keeps_fixed_positions(engine: Engine) -> None:
+    result = engine.fill(request(seed_canvas="return self", keep_fixed=True, mode="block"))
+    assert result.text.startswith("return self")
+
+
+def test_mask_noise_never_emits_the_mask_token(mask_engine: Engine) -> None:
+    result = mask_engine.fill(request(mode="block", candidates=2))
+    assert "<mask>" not in result.text
+    tokens = canvas_tokens(mask_engine, request(mode="block"))
+    assert 3 not in tokens
+
+
+def test_mask_noise_starts_from_an_all_mask_canvas(mask_engine: Engine) -> None:
+    canvas = mask_engine.denoiser.noise_like(2, None)
+    assert canvas.eq(3).all()
+
+
+def test_deadline_is_respected_in_wall_time(engine: Engine) -> None:
+    started = time.monotonic()
+    engine.fill(request(deadline_ms=1.0))
+    assert time.monotonic() - started < 5.0  # one step at most, not the whole schedule

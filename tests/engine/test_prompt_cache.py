@@ -1,0 +1,47 @@
+"""Exact prompt KV-cache reuse: a fill through a reused cache equals a fill from scratch, token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.engine import Engine
+from engine.fill import FillRequest
+from engine.loading import load_checkpoint
+
+BASE = "def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
+
+
+def fills(engine: Engine, prefix: str, use_cache: bool, seed: int = 5):
+    return engine.fill(FillRequest(prefix=prefix, suffix="\nprint(1)\n", deadline_ms=60_000, seed=seed,
+                                   early_commit=False, use_cache=use_cache, mode="block"))
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sliding_model_dir"])
+def test_reused_cache_gives_identical_fills(request, model_fixture: str) -> None:
+    engine = Engine(load_checkpoint(request.getfixturevalue(model_fixture), device="cpu"))
+    typed = BASE + "    def push(self, item):\n        self.items.app"
+    first = fills(engine, typed, use_cache=True)
+    assert first.cached_prompt_tokens == 0
+    for extra in ("e", "en", "end(item)"):  # keep typing: each prompt extends the previous one
+        cached = fills(engine, typed + extra, use_cache=True)
+        fresh = fills(engine, typed + extra, use_cache=False)
+        assert cached.cached_prompt_tokens >= 0.8 * cached.prompt_tokens
+        assert cached.candidates == fresh.candidates
+    # backspace: a prompt that is a prefix of a cached one is reused too
+    shorter = fills(engine, typed[:-3], use_cache=True)
+    assert shorter.cached_prompt_tokens > 0
+    assert shorter.candidates == fills(engine, typed[:-3], use_cache=False).candidates
+
+
+def test_sliding_window_prompt_longer_than_window(tiny_sliding_model_dir) -> None:
+    engine = Engine(load_checkpoint(tiny_sliding_model_dir, device="cpu"))
+    assert engine.builder.render(FillRequest(prefix=BASE))  # sanity
+    assert len(engine.builder.render(FillRequest(prefix=BASE))) > 16  # longer than the sliding window
+
+
+def test_cache_is_bounded_by_bytes(tiny_model_dir) -> None:
+    engine = Engine(load_checkpoint(tiny_model_dir, device="cpu"), cache_bytes=60_000)
+    for index in range(12):
+        fills(engine, f"x_{index} = {index}\n" * (index + 1), use_cache=True)
+    assert engine.cache.nbytes <= 60_000
+    assert 0 < len(engine.cache.entries) < 12

@@ -1,0 +1,231 @@
+"""The engine process over its Unix socket: protocol errors, superseding, cancellation, failures, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.client import AsyncEngineClient, EngineClient, EngineError
+from engine.fill import FillRequest
+from engine.server import EngineServer, ServeOptions
+
+PREFIX = "def add(a, b):\n    return "
+
+
+@pytest.fixture(scope="module")
+def running_engine(tiny_model_dir, tmp_path_factory):
+    """A real engine server on a private socket, in a background thread with its own event loop."""
+    socket_path = Path(tmp_path_factory.mktemp("sock")) / "engine.sock"
+    server = EngineServer(ServeOptions(socket_path=socket_path, model=tiny_model_dir, device="cpu"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.run(),), daemon=True)
+    thread.start()
+    from engine.client import wait_ready
+
+    wait_ready(socket_path, timeout=120)
+    yield server, socket_path
+    loop.call_soon_threadsafe(server.stopping.set)
+    thread.join(timeout=30)
+
+
+def raw_exchange(socket_path: Path, payload: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        sock.sendall(struct.pack(">I", len(payload)) + payload)
+        (length,) = struct.unpack(">I", sock.recv(4))
+        data = b""
+        while len(data) < length:
+            data += sock.recv(length - len(data))
+    return json.loads(data)
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        (b"{not json", "bad_json"),
+        (b"\xff\xfe", "bad_json"),
+        (b"[1, 2]", "bad_message"),
+        (b'{"id": 1, "type": "explode"}', "bad_message"),
+        (b'{"id": "x", "type": "status"}', "bad_message"),
+        (b'{"v": 99, "id": 1, "type": "status"}', "bad_version"),
+        (b'{"id": 1, "type": "fill", "request": {"suffix": "x"}}', "bad_request"),
+        (b'{"id": 1, "type": "fill", "request": {"prefix": "x", "candidates": 0}}', "bad_request"),
+        (b'{"id": 1, "type": "fill", "request": {"prefix": "x", "bogus": 1}}', "bad_request"),
+    ],
+)
+def test_bad_messages_get_error_replies_and_the_engine_keeps_serving(running_engine, payload, code) -> None:
+    _, socket_path = running_engine
+    reply = raw_exchange(socket_path, payload)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert reply["error"]["message"]
+    with EngineClient(socket_path) as client:
+        assert client.status()["ready"] is True
+
+
+def test_oversized_frame_is_refused(running_engine) -> None:
+    _, socket_path = running_engine
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        sock.sendall(struct.pack(">I", 2**31))
+        (length,) = struct.unpack(">I", sock.recv(4))
+        reply = json.loads(sock.recv(length))
+    assert reply["error"]["code"] == "too_large"
+    with EngineClient(socket_path) as client:
+        assert client.status()["ready"] is True
+
+
+def test_fill_and_status_over_the_socket(running_engine) -> None:
+    _, socket_path = running_engine
+    with EngineClient(socket_path) as client:
+        result = client.fill(FillRequest(prefix=PREFIX, deadline_ms=30_000))
+        status = client.status()
+    assert result.steps >= 1 and result.prompt_tokens > 0
+    assert status["ready"] and status["requests_served"] >= 1
+    assert status["canvas_length"] == 16 and status["noise"] == "uniform"
+
+
+def test_engine_survives_a_failing_request(running_engine) -> None:
+    server, socket_path = running_engine
+    original = server.engine.denoiser.run
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    server.engine.denoiser.run = boom
+    try:
+        with EngineClient(socket_path) as client, pytest.raises(EngineError) as failure:
+            client.fill(FillRequest(prefix=PREFIX))
+    finally:
+        server.engine.denoiser.run = original
+    assert failure.value.code == "internal" and "kaboom" in failure.value.message
+    with EngineClient(socket_path) as client:
+        assert client.fill(FillRequest(prefix=PREFIX, deadline_ms=30_000)).steps >= 1
+
+
+def test_out_of_memory_is_an_error_reply(running_engine) -> None:
+    import torch
+
+    server, socket_path = running_engine
+    original = server.engine.denoiser.run
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    server.engine.denoiser.run = oom
+    try:
+        with EngineClient(socket_path) as client, pytest.raises(EngineError) as failure:
+            client.fill(FillRequest(prefix=PREFIX))
+    finally:
+        server.engine.denoiser.run = original
+    assert failure.value.code == "out_of_memory"
+    with EngineClient(socket_path) as client:
+        assert client.status()["ready"] is True
+
+
+def slow_request(document: str, version: int, **extra) -> FillRequest:
+    return FillRequest(prefix=PREFIX, document=document, version=version, deadline_ms=60_000,
+                       early_commit=False, **extra)
+
+
+async def test_newer_version_supersedes_queued_and_running_fills(running_engine) -> None:
+    server, socket_path = running_engine
+    gate = threading.Event()
+    original = server.engine.fill
+
+    def gated_fill(request, cancelled):
+        gate.wait(timeout=30)  # hold the worker so v1 is running and v2 is queued when v3 arrives
+        return original(request, cancelled)
+
+    server.scheduler.fill = gated_fill
+    client = AsyncEngineClient(socket_path)
+    try:
+        v1 = asyncio.create_task(client.fill(slow_request("doc-a", 1)))
+        await asyncio.sleep(0.3)
+        v2 = asyncio.create_task(client.fill(slow_request("doc-a", 2)))
+        other = asyncio.create_task(client.fill(slow_request("doc-b", 1)))
+        await asyncio.sleep(0.3)
+        v3 = asyncio.create_task(client.fill(slow_request("doc-a", 3)))
+        await asyncio.sleep(0.3)
+        gate.set()
+        results = await asyncio.gather(v1, v2, other, v3, return_exceptions=True)
+    finally:
+        server.scheduler.fill = original
+        await client.close()
+    assert isinstance(results[0], EngineError) and results[0].code == "superseded"
+    assert isinstance(results[1], EngineError) and results[1].code == "superseded"
+    assert not isinstance(results[2], Exception)  # another document is untouched
+    assert not isinstance(results[3], Exception) and results[3].steps >= 1
+
+
+async def test_cancel_stops_a_running_fill_within_one_step(running_engine) -> None:
+    server, socket_path = running_engine
+    steps_seen = []
+    original_run = server.engine.denoiser.run
+    started = threading.Event()
+
+    def observed_run(*args, **kwargs):
+        control = kwargs["control"]
+        inner = control.cancelled
+
+        def cancelled() -> bool:
+            started.set()
+            state = inner()
+            steps_seen.append(state)
+            return state
+
+        control.cancelled = cancelled
+        import time
+
+        time.sleep(0.5)  # make the first step boundary come after the cancel message
+        return original_run(*args, **kwargs)
+
+    server.engine.denoiser.run = observed_run
+    client = AsyncEngineClient(socket_path)
+    try:
+        task = asyncio.create_task(client.fill(slow_request("doc-c", 1)))
+        await asyncio.sleep(0.2)
+        task.cancel()  # the client sends `cancel` for the in-flight fill
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.5)
+    finally:
+        server.engine.denoiser.run = original_run
+        await client.close()
+    assert steps_seen and steps_seen[0] is True  # stopped at the first step boundary after the cancel
+
+
+async def test_interactive_fills_run_before_queued_rewrites(running_engine) -> None:
+    server, socket_path = running_engine
+    gate = threading.Event()
+    served: list[str] = []
+    original = server.engine.fill
+
+    def recording_fill(request, cancelled):
+        gate.wait(timeout=30)
+        served.append(request.document)
+        return original(request, cancelled)
+
+    server.scheduler.fill = recording_fill
+    client = AsyncEngineClient(socket_path)
+    try:
+        first = asyncio.create_task(client.fill(slow_request("busy", 1)))
+        await asyncio.sleep(0.3)
+        rewrite = asyncio.create_task(client.fill(slow_request("rewrite-doc", 1, priority="rewrite")))
+        await asyncio.sleep(0.1)
+        interactive = asyncio.create_task(client.fill(slow_request("typing-doc", 1)))
+        await asyncio.sleep(0.3)
+        gate.set()
+        await asyncio.gather(first, rewrite, interactive)
+    finally:
+        server.scheduler.fill = original
+        await client.close()
+    assert served == ["busy", "typing-doc", "rewrite-doc"]
