@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--seed", type=int, default=0)
     complete.add_argument("--json", action="store_true", help="print one JSON object")
 
+    lsp = commands.add_parser("lsp", help="serve the language server (stdio by default)")
+    lsp.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
+    _socket_option(lsp)
+
     model = commands.add_parser("model", help="manage model checkpoints")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     pull = model_commands.add_parser("pull", help="download a checkpoint into the Hugging Face cache")
@@ -94,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             return ENGINE_COMMANDS[args.engine_command](args)
         if args.command == "complete":
             return cmd_complete(args)
+        if args.command == "lsp":
+            from dgls.server import run_lsp
+
+            return run_lsp(tcp=args.tcp, socket_path=args.socket)
         return cmd_model_pull(args)
     except (CliError, EngineError, FillRequestError, CheckpointError) as exc:
         print(f"dgls: {exc}", file=sys.stderr)
