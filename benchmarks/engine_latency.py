@@ -1,0 +1,161 @@
+"""Engine speed on realistic requests, measured side by side in one process on one machine.
+
+Usage:
+    python -m benchmarks.engine_latency [--model DIR] [--requests 12] [--repeats 3] [--device cpu] [--seed 0]
+
+Reports (median over requests of the median over repeats, after a warm-up):
+- `cold_ms` (new document, empty prompt cache) vs `warm_ms` (the same document after one more typed character)
+  -> `warm_over_cold`;
+- the dgls engine's fill vs `model.generate(...)` from transformers on the same model, prompt and sampler
+  settings, both warm in-process -> `dgls_over_transformers`, with `agreement` (share of identical outputs)
+  and exact match of both against the reference middles;
+- `tokens_per_forward`, `steps_mean`, `early_commit_saved_steps`;
+- `cancel_ms`: from a cancel to the engine being idle, and the same in denoising steps (`cancel_steps`).
+Progress goes to stderr; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.requests_from_files import CutRequest, cut_requests, default_files
+from engine.engine import Engine
+from engine.fill import FillRequest
+from engine.loading import load_checkpoint
+
+
+def to_request(cut: CutRequest, document: str, **extra: Any) -> FillRequest:
+    return FillRequest(prefix=cut.prefix, suffix=cut.suffix, path=cut.path, language="python", mode=cut.mode,
+                       deadline_ms=60_000, document=document, **extra)  # type: ignore[arg-type]
+
+
+def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = function(*args, **kwargs)
+    return (time.perf_counter() - started) * 1000, value
+
+
+def generate_text(engine: Engine, request: FillRequest) -> str:
+    """transformers' own generate on the same prompt ids and sampler settings; text cut like the engine's."""
+    ids = engine.builder.render(request)
+    torch.manual_seed(request.seed)
+    output = engine.model.generate(torch.tensor([ids], device=engine.model.device),
+                                   max_new_tokens=engine.denoiser.canvas_length)
+    tokens = engine._until_eos(output.sequences[0, len(ids):].tolist())
+    return engine._finish_text(tokens, request.mode)
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    engine = Engine(load_checkpoint(args.model, device=args.device))
+    cuts = cut_requests(default_files(), args.requests, seed=args.seed)
+    engine.fill(to_request(cuts[0], "warm-up"))  # warm-up
+    engine.model.generate(torch.tensor([engine.builder.render(to_request(cuts[0], "w"))]), max_new_tokens=8)
+
+    cold, warm, ours, theirs, steps, tpf, saved = [], [], [], [], [], [], []
+    agree = dgls_exact = hf_exact = 0
+    for index, cut in enumerate(cuts):
+        cold_runs, warm_runs = [], []
+        for repeat in range(args.repeats):
+            engine.cache.clear()
+            cold_ms, first = timed(engine.fill, to_request(cut, f"doc{index}", seed=repeat))
+            typed = CutRequest(cut.path, cut.prefix + cut.middle[:1], cut.suffix[1:], cut.middle[1:], cut.mode)
+            warm_ms, second = timed(engine.fill, to_request(typed, f"doc{index}", seed=repeat))
+            cold_runs.append(cold_ms)
+            warm_runs.append(warm_ms)
+        cold.append(statistics.median(cold_runs))
+        warm.append(statistics.median(warm_runs))
+        steps.append(first.steps)
+        tpf.append(first.tokens_per_forward)
+        no_commit = engine.fill(to_request(cut, f"doc{index}", early_commit=False))
+        saved.append(no_commit.steps - first.steps)
+        # dgls (warm cache, as while typing) vs transformers generate, same prompt and seed
+        request = to_request(cut, f"doc{index}", seed=args.seed)
+        engine.fill(request)
+        dgls_runs, hf_runs = [], []
+        for _ in range(args.repeats):
+            dgls_ms, result = timed(engine.fill, request)
+            hf_ms, hf_text = timed(generate_text, engine, request)
+            dgls_runs.append(dgls_ms)
+            hf_runs.append(hf_ms)
+        ours.append(statistics.median(dgls_runs))
+        theirs.append(statistics.median(hf_runs))
+        agree += result.text == hf_text
+        dgls_exact += result.text.strip() == cut.middle.strip()
+        hf_exact += hf_text.strip() == cut.middle.strip()
+        print(f"[{index + 1}/{len(cuts)}] cold {cold[-1]:.0f} ms warm {warm[-1]:.0f} ms dgls {ours[-1]:.0f} ms "
+              f"generate {theirs[-1]:.0f} ms", file=sys.stderr)
+
+    cancel_ms, cancel_steps = measure_cancel(engine, cuts[0])
+    n = len(cuts)
+    summary = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {args.device}",
+        "model": str(engine.loaded.path),
+        "requests": n,
+        "cold_ms": median(cold),
+        "warm_ms": median(warm),
+        "warm_over_cold": round(statistics.median(cold) and statistics.median(warm) / statistics.median(cold), 3),
+        "dgls_ms": median(ours),
+        "transformers_ms": median(theirs),
+        "dgls_over_transformers": round(statistics.median(ours) / statistics.median(theirs), 3),
+        "agreement": round(agree / n, 3),
+        "dgls_exact_match": round(dgls_exact / n, 3),
+        "transformers_exact_match": round(hf_exact / n, 3),
+        "tokens_per_forward": round(statistics.fmean(tpf), 3),
+        "steps_mean": round(statistics.fmean(steps), 2),
+        "early_commit_saved_steps": round(statistics.fmean(saved), 2),
+        "cancel_ms": cancel_ms,
+        "cancel_steps": cancel_steps,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def measure_cancel(engine: Engine, cut: CutRequest) -> tuple[float, float]:
+    """Cancel a long fill from another thread mid-run; time until `fill` returns, in ms and in steps."""
+    step_ms = []
+    for _ in range(3):
+        result = engine.fill(to_request(cut, "cancel", early_commit=False, use_cache=False))
+        step_ms.append(result.timings["denoise_ms"] / max(result.steps, 1))
+    flag = threading.Event()
+    cancelled_at: list[float] = []
+
+    def cancel_later() -> None:
+        time.sleep(statistics.median(step_ms) * 1.5 / 1000)
+        cancelled_at.append(time.perf_counter())
+        flag.set()
+
+    thread = threading.Thread(target=cancel_later)
+    thread.start()
+    engine.fill(to_request(cut, "cancel", early_commit=False, use_cache=False), cancelled=flag.is_set)
+    idle_at = time.perf_counter()
+    thread.join()
+    if not cancelled_at:  # finished before the cancel arrived
+        return 0.0, 0.0
+    cancel_ms = (idle_at - cancelled_at[0]) * 1000
+    return round(cancel_ms, 2), round(cancel_ms / statistics.median(step_ms), 2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

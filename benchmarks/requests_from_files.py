@@ -1,0 +1,47 @@
+"""Realistic fill requests cut from real source files, deterministically.
+
+A request puts the cursor inside a non-blank line of a file (the rest of the line is the expected middle in
+line mode) or at the start of a block body (the next lines up to a dedent are the middle in block mode).
+By default the files are this project's own sources, which no shipped model was trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(slots=True)
+class CutRequest:
+    path: str
+    prefix: str
+    suffix: str
+    middle: str
+    mode: str
+
+
+def default_files() -> list[Path]:
+    return sorted(p for folder in ("engine", "dgls") for p in (PROJECT / folder).glob("*.py") if p.stat().st_size > 2000)
+
+
+def cut_requests(files: list[Path], count: int, seed: int = 0, mode: str = "line") -> list[CutRequest]:
+    rng = random.Random(seed)
+    requests: list[CutRequest] = []
+    texts = [(path, path.read_text(encoding="utf-8")) for path in files]
+    while len(requests) < count:
+        path, text = texts[rng.randrange(len(texts))]
+        lines = text.split("\n")
+        index = rng.randrange(10, len(lines) - 5)
+        line = lines[index]
+        stripped = line.strip()
+        if len(stripped) < 12 or stripped.startswith(("#", '"""', "'")):
+            continue
+        indent = len(line) - len(stripped)
+        column = indent + rng.randrange(1, max(2, len(stripped) // 2))
+        before = "\n".join(lines[:index]) + "\n" + line[:column]
+        requests.append(CutRequest(str(path.relative_to(PROJECT)), before, line[column:] + "\n" + "\n".join(
+            lines[index + 1:]), line[column:], mode))
+    return requests
