@@ -211,9 +211,12 @@ def ensure_engine(
     with open(socket_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two clients starting at once start one engine
         try:
-            return wait_ready(socket_path, timeout=0.0, on_progress=on_progress)
+            with EngineClient(socket_path, timeout=10.0) as client:
+                client.status()
         except EngineUnavailable:
-            pass
+            pass  # nothing answers: start one below
+        else:  # an engine answers, perhaps still loading its model: wait for it
+            return wait_ready(socket_path, timeout=timeout, on_progress=on_progress)
         log_file = open(engine_log_path(socket_path), "ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "dgls", "engine", "serve", "--socket", str(socket_path), *serve_args],
