@@ -35,8 +35,8 @@ from engine.loading import load_checkpoint
 
 
 def to_request(cut: CutRequest, document: str, **extra: Any) -> FillRequest:
-    return FillRequest(prefix=cut.prefix, suffix=cut.suffix, path=cut.path, language="python", mode=cut.mode,
-                       deadline_ms=60_000, document=document, **extra)  # type: ignore[arg-type]
+    return FillRequest(prefix=cut.prefix, suffix=cut.suffix, path=cut.path, language="python",
+                       mode="block" if cut.mode == "block" else "line", deadline_ms=60_000, document=document, **extra)
 
 
 def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:

@@ -24,7 +24,8 @@ class CutRequest:
 
 
 def default_files() -> list[Path]:
-    return sorted(p for folder in ("engine", "dgls") for p in (PROJECT / folder).glob("*.py") if p.stat().st_size > 2000)
+    files = [p for folder in ("engine", "dgls") for p in (PROJECT / folder).glob("*.py")]
+    return sorted(p for p in files if p.stat().st_size > 2000)
 
 
 def cut_requests(files: list[Path], count: int, seed: int = 0, mode: str = "line") -> list[CutRequest]:

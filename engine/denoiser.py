@@ -100,7 +100,7 @@ class Denoiser:
 
     def noise_like(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
         device = self.model.device
-        if self.noise == "mask":
+        if self.mask_token_id is not None and self.noise == "mask":
             return torch.full((batch, self.canvas_length), self.mask_token_id, dtype=torch.long, device=device)
         return torch.randint(0, self.vocab_size, (batch, self.canvas_length), device=device, generator=generator)
 
@@ -136,7 +136,7 @@ class Denoiser:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         committed = [0] * batch
         forwards = torch.zeros(batch, dtype=torch.long, device=device)
-        processed = None
+        processed = torch.zeros(0)  # replaced by the first step's logits
         steps, stop_reason, step_seconds = 0, "max_steps", 0.0
         for cur_step in range(s.max_steps, 0, -1):
             if control.cancelled is not None and control.cancelled():
@@ -196,7 +196,7 @@ class Denoiser:
             if bool(finished.all()):
                 stop_reason = "converged"
                 break
-        score = self._score(processed, argmax) if processed is not None else torch.zeros(batch)
+        score = self._score(processed, argmax) if steps else torch.zeros(batch)
         return DenoiseOutput(
             canvas=argmax,
             committed=committed,

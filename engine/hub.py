@@ -21,7 +21,9 @@ def pull_checkpoint(
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if repo_id.count("/") != 1 or repo_id.startswith("/") or repo_id.endswith("/"):
-        raise CheckpointError(f"{repo_id!r} is not a repository id; use OWNER/NAME, e.g. google/diffusiongemma-26B-A4B-it")
+        raise CheckpointError(
+            f"{repo_id!r} is not a repository id; use OWNER/NAME, e.g. google/diffusiongemma-26B-A4B-it"
+        )
     try:
         path = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint, allow_patterns=CHECKPOINT_PATTERNS

@@ -86,7 +86,7 @@ def load_checkpoint(
     previous_hook = hf_logging.set_tqdm_hook(_progress_hook(report))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        model: Any = DiffusionGemmaForBlockDiffusion.from_pretrained(
             model_dir,
             dtype=torch_dtype,
             local_files_only=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from transformers import DynamicCache
 
@@ -32,10 +32,15 @@ def common_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return index
 
 
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The attention layers of a cache (DiffusionGemma has no linear-attention layers)."""
+    return cast(list[Any], cache.layers)
+
+
 def cache_nbytes(cache: DynamicCache) -> int:
     return sum(
         layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        for layer in cache.layers
+        for layer in _layers(cache)
         if getattr(layer, "is_initialized", False) and layer.keys is not None
     )
 
@@ -51,7 +56,7 @@ def sliced_cache(source: DynamicCache, length: int, config: Any) -> DynamicCache
     cache = new_recording_cache(config)
     if length == 0:
         return cache
-    for layer, src in zip(cache.layers, source.layers, strict=True):
+    for layer, src in zip(_layers(cache), _layers(source), strict=True):
         keys, values = src.keys[..., :length, :], src.values[..., :length, :]
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
@@ -63,7 +68,7 @@ def sliced_cache(source: DynamicCache, length: int, config: Any) -> DynamicCache
 def decode_view(full: DynamicCache, config: Any, batch: int = 1) -> DynamicCache:
     """What the decoder reads: sliding layers trimmed to `window - 1`, expanded to `batch` rows (views)."""
     view = DynamicCache(config=config)
-    for layer, src in zip(view.layers, full.layers, strict=True):
+    for layer, src in zip(_layers(view), _layers(full), strict=True):
         keys, values = src.keys, src.values
         window = getattr(layer, "sliding_window", None)
         if window is not None and keys.shape[-2] >= window:
