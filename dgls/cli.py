@@ -31,6 +31,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="prompt template name or JSON file (default: the model's own)")
     parser.add_argument("--idle-timeout", type=float, help="exit after this many idle seconds (frees the model)")
     parser.add_argument("--cache-mb", type=int, default=512, help="prompt KV cache budget in MiB (default 512)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
 
 
 def _socket_option(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,8 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         extra += ["--template", args.template]
     if args.idle_timeout:
         extra += ["--idle-timeout", str(args.idle_timeout)]
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
     return extra
 
 
@@ -116,6 +119,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.templates import TemplateError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         serve(ServeOptions(
             socket_path=args.socket, model=args.model, device=args.device, dtype=args.dtype,

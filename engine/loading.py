@@ -101,6 +101,10 @@ def load_checkpoint(
         hf_logging.set_tqdm_hook(previous_hook)
     report(1.0)
     model.to(torch_device).eval()
+    if torch_device.type == "cpu" and hasattr(model, "set_experts_implementation"):
+        # Measured on the shipped model, 1 thread: 53 ms a denoising step with the eager per-expert loop
+        # against 70-89 ms with grouped_mm, which pays off only on GPUs.
+        model.set_experts_implementation("eager")
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
