@@ -229,3 +229,16 @@ async def test_interactive_fills_run_before_queued_rewrites(running_engine) -> N
         server.scheduler.fill = original
         await client.close()
     assert served == ["busy", "typing-doc", "rewrite-doc"]
+
+
+async def test_idle_timeout_exits_and_removes_the_socket(tiny_model_dir, tmp_path) -> None:
+    socket_path = tmp_path / "idle.sock"
+    server = EngineServer(ServeOptions(socket_path=socket_path, model=tiny_model_dir, device="cpu",
+                                       idle_timeout=1.0))
+    await asyncio.wait_for(server.run(), timeout=60)  # returns by itself once idle
+    assert not socket_path.exists()
+
+
+def test_bad_idle_timeout_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--idle-timeout"):
+        ServeOptions(socket_path=tmp_path / "s.sock", idle_timeout=0)
