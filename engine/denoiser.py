@@ -112,15 +112,14 @@ class Denoiser:
         batch: int,
         generator: torch.Generator | None,
         control: DenoiseControl,
-        seed_canvas: torch.Tensor | None = None,  # [C] start tokens
-        fixed: torch.Tensor | None = None,  # [C] bool: positions that never change
+        seed_canvas: torch.Tensor | None = None,  # [C] start tokens; -1 where the canvas starts as noise
+        fixed: torch.Tensor | None = None,  # [C] bool: seeded positions that never change
     ) -> DenoiseOutput:
         s, model, device = self.settings, self.model, self.model.device
         canvas = self.noise_like(batch, generator)  # canvas: [B, C]
         if seed_canvas is not None:
-            canvas = seed_canvas.to(device).expand(batch, -1).clone()
-            if fixed is not None:
-                canvas = torch.where(fixed, canvas, self.noise_like(batch, generator))
+            seed = seed_canvas.to(device).expand(batch, -1)
+            canvas = torch.where(seed >= 0, seed, canvas)
         argmax = canvas
         positions = torch.arange(prompt_length, prompt_length + self.canvas_length, dtype=torch.int32, device=device)
         positions = positions.unsqueeze(0)

@@ -21,6 +21,7 @@ from engine.prompt_cache import PromptCache, decode_view, new_recording_cache, s
 from engine.templates import PromptBuilder, PromptTemplate, load_template
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+MAX_DRAFTS = 256  # documents whose last completion is remembered for warm starts
 
 
 class Engine:
@@ -51,6 +52,7 @@ class Engine:
             newline_ids=self._newline_token_ids(),
         )
         self.cache = PromptCache(cache_bytes)
+        self.drafts: dict[str, tuple[str, str, str]] = {}  # document -> (prefix, suffix, completion)
         self.max_positions = int(self.text_config.max_position_embeddings)
 
     def _newline_token_ids(self) -> list[int]:
@@ -78,7 +80,7 @@ class Engine:
         full_cache, cached_tokens = self._encode(tuple(ids), use_cache=request.use_cache)
         encoded = time.monotonic()
 
-        seed, fixed = self._seed_canvas(request)
+        seed, fixed, warm = self._seed_canvas(request)
         generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
         output = self.denoiser.run(
             decode_view(full_cache, self.text_config, batch=request.candidates),
@@ -104,6 +106,8 @@ class Engine:
             texts.append(self._finish_text(tokens, request.mode))
         order = sorted(range(len(texts)), key=lambda row: -float(output.score[row]))
         candidates = list(dict.fromkeys(texts[row] for row in order))
+        if not output.cancelled:
+            self._remember(request, candidates[0])
         forwards = max(sum(output.forwards), 1)
         return FillResult(
             text=candidates[0],
@@ -115,6 +119,7 @@ class Engine:
             cancelled=output.cancelled,
             tokens_per_forward=round(valid_tokens / forwards, 3),
             stop_reason=output.stop_reason,
+            warm_start=warm,
             timings={
                 "total_ms": _ms(started, time.monotonic()),
                 "tokenize_ms": _ms(started, tokenized),
@@ -149,19 +154,46 @@ class Engine:
             self.cache.put(tokens, cache)
         return cache, reused
 
-    def _seed_canvas(self, request: FillRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if request.seed_canvas is None:
-            return None, None
+    def _seed_canvas(self, request: FillRequest) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """The canvas to start from: the request's own seed, else a warm start from this document's last
+        completion when the user has typed its first characters, else noise. Returns (seed, fixed, warm)."""
+        text, warm = request.seed_canvas, False
+        if text is None:
+            text = self._warm_start_text(request)
+            warm = text is not None
+        if text is None:
+            return None, None, False
         canvas_length = self.denoiser.canvas_length
-        ids = self.builder.text_ids(request.seed_canvas)[:canvas_length]
+        ids = self.builder.text_ids(text)[:canvas_length]
+        if warm and len(ids) < canvas_length and request.mode == "block":
+            ids.append(self.eos_ids[0])  # the remembered completion ended here
         device = self.model.device
-        seed = torch.full((canvas_length,), self.pad_id, dtype=torch.long, device=device)
+        seed = torch.full((canvas_length,), -1, dtype=torch.long, device=device)
         seed[: len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
-        if not request.keep_fixed:
-            return seed, None
+        if not request.keep_fixed or warm:
+            return seed, None, warm
         fixed = torch.zeros(canvas_length, dtype=torch.bool, device=device)
         fixed[: len(ids)] = True
-        return seed, fixed
+        return seed, fixed, False
+
+    def _warm_start_text(self, request: FillRequest) -> str | None:
+        """The rest of the last completion of this document, if the new prefix typed into it."""
+        last = self.drafts.get(request.document) if request.document and request.warm_start else None
+        if last is None or last[1] != request.suffix or not request.prefix.startswith(last[0]):
+            return None
+        typed = request.prefix[len(last[0]) :]
+        completion = last[2]
+        if not typed or not completion.startswith(typed) or len(completion) == len(typed):
+            return None
+        return completion[len(typed) :] + ("\n" if request.mode == "line" else "")
+
+    def _remember(self, request: FillRequest, text: str) -> None:
+        if not request.document:
+            return
+        self.drafts.pop(request.document, None)
+        self.drafts[request.document] = (request.prefix, request.suffix, text)
+        while len(self.drafts) > MAX_DRAFTS:
+            self.drafts.pop(next(iter(self.drafts)))
 
     def _until_eos(self, tokens: list[int]) -> list[int]:
         for index, token in enumerate(tokens):

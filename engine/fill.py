@@ -51,6 +51,7 @@ class FillRequest:
     keep_fixed: bool = False
     use_cache: bool = True
     early_commit: bool = True
+    warm_start: bool = True
 
     @classmethod
     def from_dict(cls, data: Any) -> FillRequest:
@@ -105,6 +106,7 @@ class FillResult:
     cached_prompt_tokens: int
     converged: bool
     cancelled: bool = False
+    warm_start: bool = False
     tokens_per_forward: float = 0.0
     stop_reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)

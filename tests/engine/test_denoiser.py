@@ -155,3 +155,24 @@ def test_deadline_is_respected_in_wall_time(engine: Engine) -> None:
     started = time.monotonic()
     engine.fill(request(deadline_ms=1.0))
     assert time.monotonic() - started < 5.0  # one step at most, not the whole schedule
+
+
+def test_warm_start_from_the_documents_last_completion(engine: Engine) -> None:
+    base = dict(document="file:///w.py", deadline_ms=60_000, mode="block", early_commit=False)
+    first = None
+    for seed in range(20):  # find a seed whose completion is long enough to type into
+        first = engine.fill(FillRequest(prefix=PREFIX, suffix=SUFFIX, seed=seed, **base))
+        if len(first.text) >= 2:
+            break
+    assert first is not None and len(first.text) >= 2
+    typed = engine.fill(FillRequest(prefix=PREFIX + first.text[0], suffix=SUFFIX, **base))
+    assert typed.warm_start is True
+    # not warm: text the completion did not predict, another suffix, or warm starts switched off
+    assert engine.fill(FillRequest(prefix=PREFIX + "\x01", suffix=SUFFIX, **base)).warm_start is False
+    engine.fill(FillRequest(prefix=PREFIX, suffix=SUFFIX, seed=0, **base))
+    last = engine.drafts[base["document"]][2]
+    if last:
+        assert engine.fill(FillRequest(prefix=PREFIX + last[0], suffix="other", **base)).warm_start is False
+        engine.fill(FillRequest(prefix=PREFIX, suffix=SUFFIX, seed=0, **base))
+        off = engine.fill(FillRequest(prefix=PREFIX + last[0], suffix=SUFFIX, warm_start=False, **base))
+        assert off.warm_start is False
