@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", type=Path, help="write a PNG of the cold/warm latency distributions here")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     engine = Engine(load_checkpoint(args.model, device=args.device))
@@ -108,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
               f"generate {theirs[-1]:.0f} ms", file=sys.stderr)
 
     cancel_ms, cancel_steps = measure_cancel(engine, cuts[0])
+    if args.plot:
+        from benchmarks.plots import latency_histogram
+
+        latency_histogram({"cold": cold, "warm (+1 char)": warm, "transformers generate": theirs}, args.plot,
+                          "fill latency per request")
     n = len(cuts)
     summary = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {args.device}",

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-ms", type=float, default=10_000.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, help="write per-task rows and the summary here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of exact match by denoising steps here")
     args = parser.parse_args(argv)
     if not args.tasks.is_file():
         parser.error(f"--tasks {args.tasks} does not exist")
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                **summarize(rows, tested)}
     if args.json_out:
         args.json_out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if args.plot:
+        from benchmarks.plots import exact_match_by_steps
+
+        exact_match_by_steps(rows, args.plot, f"{args.tasks.name}: exact match by steps")
     print(json.dumps(summary))
     return 0
 
