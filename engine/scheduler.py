@@ -12,7 +12,9 @@ import asyncio
 import heapq
 import itertools
 import logging
+import statistics
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,7 @@ class Scheduler:
         self.stopped = False
         self.served = 0
         self.last_latency_ms: float | None = None
+        self.recent_ms: deque[float] = deque(maxlen=256)  # engine-side total_ms of the latest fills
         self.thread = threading.Thread(target=self._work, name="dgls-engine-worker", daemon=True)
 
     def start(self) -> None:
@@ -115,11 +118,15 @@ class Scheduler:
 
     def status(self) -> dict[str, Any]:
         with self.lock:
+            recent = sorted(self.recent_ms)
             return {
                 "queued": len(self.queue),
                 "running": self.running is not None,
                 "requests_served": self.served,
                 "last_latency_ms": self.last_latency_ms,
+                "latency_ms_p50": round(statistics.median(recent), 2) if recent else None,
+                "latency_ms_p95": recent[min(len(recent) - 1, round(0.95 * (len(recent) - 1)))] if recent else None,
+                "recent_latencies_ms": list(self.recent_ms),
             }
 
     def _work(self) -> None:
@@ -157,6 +164,8 @@ class Scheduler:
         with self.lock:
             self.served += 1
             self.last_latency_ms = result.timings.get("total_ms")
+            if self.last_latency_ms is not None:
+                self.recent_ms.append(self.last_latency_ms)
         self._resolve(job, result=result)
 
     @staticmethod

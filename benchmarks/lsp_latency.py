@@ -1,0 +1,169 @@
+"""End-to-end latency of `dgls lsp` while a user types, against the engine's own time for the same fills.
+
+Usage:
+    python -m benchmarks.lsp_latency [--model DIR] [--sessions 4] [--chars 24] [--typing-ms 120] [--device cpu]
+
+A real LSP client (pygls `LanguageClient`) starts `dgls lsp` (which starts a private engine), opens real
+files cut at a random line, and types the rest of that line one character at a time at typing speed: each
+keystroke is a `didChange` followed by an automatic `textDocument/inlineCompletion`, without waiting for the
+previous answer, as editors do. Reports the end-to-end `p50_ms`/`p95_ms` of answered requests,
+`engine_ms_p50` (the engine's own `total_ms` for its fills, from its status), `overhead_ratio`
+(end-to-end p50 / engine p50), `stale_dropped` (requests answered empty because a newer keystroke superseded
+them) and `cache_hits` (answers served from the typed-through cache without the engine). Fixed seed, one
+warm-up session; progress on stderr; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lsprotocol import types
+from pygls.lsp.client import LanguageClient
+
+from benchmarks.harness_engine import percentile
+from benchmarks.requests_from_files import default_files
+from engine.client import EngineClient, EngineError, wait_ready
+
+
+async def typing_session(client: LanguageClient, uri: str, text: str, line: int, typed: str, pause_s: float,
+                         timings: list[tuple[float, bool]]) -> None:
+    """Open `text`, then type `typed` at the end of `line`; record (latency ms, answered with an item)."""
+    client.text_document_did_open(types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+    column = len(text.split("\n")[line])
+    pending = []
+    for index, char in enumerate(typed):
+        version = index + 2
+        position = types.Position(line=line, character=column + index)
+        client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(start=position, end=position), text=char)]))
+        params = types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=types.Position(line=line, character=column + index + 1),
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))
+        pending.append(asyncio.ensure_future(timed_request(client, params, timings)))
+        await asyncio.sleep(pause_s)
+    await asyncio.gather(*pending)
+    client.text_document_did_close(types.DidCloseTextDocumentParams(
+        text_document=types.TextDocumentIdentifier(uri=uri)))
+
+
+async def timed_request(client: LanguageClient, params: types.InlineCompletionParams,
+                        timings: list[tuple[float, bool]]) -> None:
+    started = time.perf_counter()
+    result = await client.text_document_inline_completion_async(params)
+    items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
+    timings.append(((time.perf_counter() - started) * 1000, bool(items)))
+
+
+def cut_sessions(count: int, chars: int, seed: int) -> list[tuple[Path, str, int, str]]:
+    rng = random.Random(seed)
+    sessions: list[tuple[Path, str, int, str]] = []
+    files = default_files()
+    while len(sessions) < count:
+        path = files[rng.randrange(len(files))]
+        lines = path.read_text(encoding="utf-8").split("\n")
+        index = rng.randrange(10, len(lines) - 5)
+        stripped = lines[index].strip()
+        if len(stripped) < chars // 2 or stripped.startswith(("#", '"""')):
+            continue
+        indent = lines[index][: len(lines[index]) - len(lines[index].lstrip())]
+        text = "\n".join(lines[:index] + [indent] + lines[index + 1 :])
+        sessions.append((path, text, index, stripped[:chars]))
+    return sessions
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="dgls-lsp-bench-"))
+    socket_path = folder / "engine.sock"
+    engine_options: dict[str, Any] = {"socket": str(socket_path), "device": args.device}
+    if args.model:
+        engine_options["model"] = str(args.model.resolve())
+    client = LanguageClient("dgls-lsp-latency", "1")
+    await client.start_io(sys.executable, "-m", "dgls", "lsp", "--socket", str(socket_path))
+    await client.initialize_async(types.InitializeParams(
+        capabilities=types.ClientCapabilities(),
+        initialization_options={"engine": engine_options, "deadlines": {"automaticMs": args.deadline_ms},
+                                "completion": {"candidates": 1, "debounceMs": 0}}))
+    client.initialized(types.InitializedParams())
+    server_status: dict[str, Any] = {}
+    client.feature("dgls/status")(lambda params: server_status.update(_as_dict(params)))
+    client.feature(types.WINDOW_LOG_MESSAGE)(lambda params: None)
+    sessions = cut_sessions(args.sessions + 1, args.chars, args.seed)
+    timings: list[tuple[float, bool]] = []
+    try:
+        for number, (path, text, line, typed) in enumerate(sessions):
+            print(f"session {number}/{args.sessions}: {path.name}:{line + 1} typing {typed!r}", file=sys.stderr)
+            run_timings: list[tuple[float, bool]] = []
+            await typing_session(client, path.resolve().as_uri() + f"?session={number}", text, line, typed,
+                                 args.typing_ms / 1000, run_timings)
+            if number:  # session 0 warms up the engine and the caches
+                timings.extend(run_timings)
+            else:  # the server starts the engine on demand: wait until its model is loaded
+                await asyncio.to_thread(wait_ready, socket_path, 300.0)
+        with EngineClient(socket_path, timeout=30) as engine:
+            status = engine.status()
+    finally:
+        await client.shutdown_async(None)
+        client.exit(None)
+        await client.stop()
+        try:
+            with EngineClient(socket_path, timeout=10) as engine:
+                engine.shutdown()
+        except EngineError:
+            pass
+    answered = [ms for ms, has_item in timings if has_item]
+    engine_ms = status.get("recent_latencies_ms") or []
+    p50 = percentile(answered, 50)
+    engine_p50 = round(statistics.median(engine_ms), 2) if engine_ms else None
+    return {
+        "model": status.get("model"),
+        "device": status.get("device"),
+        "requests": len(timings),
+        "answered": len(answered),
+        "p50_ms": p50,
+        "p95_ms": percentile(answered, 95),
+        "engine_ms_p50": engine_p50,
+        "overhead_ratio": round(p50 / engine_p50, 3) if p50 and engine_p50 else None,
+        "stale_dropped": sum(1 for _, has_item in timings if not has_item),
+        "engine_fills": status.get("requests_served"),
+        "cache_hits": server_status.get("cacheHits"),
+    }
+
+
+def _as_dict(params: Any) -> dict[str, Any]:
+    """pygls hands unknown notifications' params over as a namedtuple-like object or a dict."""
+    if isinstance(params, dict):
+        return params
+    if hasattr(params, "_asdict"):
+        return dict(params._asdict())
+    return dict(vars(params)) if hasattr(params, "__dict__") else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--chars", type=int, default=24)
+    parser.add_argument("--typing-ms", type=float, default=120.0)
+    parser.add_argument("--deadline-ms", type=float, default=2000.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(json.dumps(asyncio.run(run(args))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
