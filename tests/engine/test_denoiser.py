@@ -176,3 +176,11 @@ def test_warm_start_from_the_documents_last_completion(engine: Engine) -> None:
         engine.fill(FillRequest(prefix=PREFIX, suffix=SUFFIX, seed=0, **base))
         off = engine.fill(FillRequest(prefix=PREFIX + last[0], suffix=SUFFIX, warm_start=False, **base))
         assert off.warm_start is False
+
+
+def test_token_entropy_is_bit_identical_to_categorical() -> None:
+    from engine.denoiser import token_entropy
+
+    logits = torch.randn(3, 16, 320, generator=torch.Generator().manual_seed(0)) * 5
+    logits[..., 3] = float("-inf")  # a suppressed token, as with mask noise
+    assert torch.equal(token_entropy(logits), torch.distributions.Categorical(logits=logits).entropy())
