@@ -17,6 +17,7 @@ from typing import Any
 from engine.checkpoint import CheckpointError
 from engine.client import EngineClient, EngineError, EngineUnavailable, ensure_engine
 from engine.fill import FillRequest, FillRequestError
+from engine.plan import add_plan_arguments, run_plan
 from engine.protocol import default_socket_path
 
 
@@ -32,6 +33,11 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, help="exit after this many idle seconds (frees the model)")
     parser.add_argument("--cache-mb", type=int, default=512, help="prompt KV cache budget in MiB (default 512)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "int4"],
+                        help="weight-only quantization applied while loading, shard by shard (default none)")
+    parser.add_argument("--quantize-embeddings", action="store_true", help="quantize the (tied) embeddings too")
+    parser.add_argument("--expert-dequant", default="layer", choices=["layer", "expert"],
+                        help="dequantize all experts of a layer at once (faster) or one expert at a time (less memory)")
 
 
 def _socket_option(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +54,10 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         extra += ["--idle-timeout", str(args.idle_timeout)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
+    if args.quantize != "none":
+        extra += ["--quantize", args.quantize, "--expert-dequant", args.expert_dequant]
+        if args.quantize_embeddings:
+            extra.append("--quantize-embeddings")
     return extra
 
 
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     stop = engine_commands.add_parser("stop", help="stop the engine")
     _socket_option(stop)
+    plan = engine_commands.add_parser("plan", help="will a model fit this GPU, and how fast can a forward be")
+    add_plan_arguments(plan)
 
     complete = commands.add_parser("complete", help="complete FILE at LINE:COL (1-based) and print the result")
     complete.add_argument("position", help="FILE:LINE:COL, 1-based as editors show them")
@@ -129,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(ServeOptions(
             socket_path=args.socket, model=args.model, device=args.device, dtype=args.dtype,
             template=args.template, idle_timeout=args.idle_timeout, cache_bytes=args.cache_mb * 2**20,
+            quantize=args.quantize, quantize_embeddings=args.quantize_embeddings, expert_dequant=args.expert_dequant,
         ))
     except (CheckpointError, TemplateError, EngineAlreadyRunning, ValueError) as exc:
         raise CliError(str(exc)) from None
@@ -188,7 +201,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-ENGINE_COMMANDS = {"serve": cmd_serve, "start": cmd_start, "status": cmd_status, "stop": cmd_stop}
+ENGINE_COMMANDS = {"serve": cmd_serve, "start": cmd_start, "status": cmd_status, "stop": cmd_stop, "plan": run_plan}
 
 
 def parse_position(position: str) -> tuple[Path, int, int]:

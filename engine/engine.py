@@ -216,6 +216,7 @@ class Engine:
             "model": str(loaded.path),
             "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."),
+            "quantize": loaded.quantize,
             "parameters": loaded.parameters,
             "template": self.template.name,
             "noise": loaded.noise,

@@ -36,6 +36,7 @@ class LoadedModel:
     template: str | None
     canvas_length: int
     parameters: int
+    quantize: str = "none"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,8 +63,15 @@ def load_checkpoint(
     device: str = "auto",
     dtype: str = "auto",
     on_progress: Callable[[float], None] | None = None,
+    quantize: str = "none",
+    quantize_embeddings: bool = False,
+    expert_dequant: str = "layer",
 ) -> LoadedModel:
-    """Load model and tokenizer from `path` (the shipped default model when None)."""
+    """Load model and tokenizer from `path` (the shipped default model when None).
+
+    With `quantize` (int8, fp8, int4) the weights are quantized while loading, shard by shard (see
+    `engine.quantize`), so host memory stays near one shard.
+    """
     try:
         from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
         from transformers.utils import logging as hf_logging
@@ -84,15 +92,27 @@ def load_checkpoint(
             on_progress(fraction)
 
     previous_hook = hf_logging.set_tqdm_hook(_progress_hook(report))
+    quantized_parameters = 0
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        model: Any = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            model_dir,
-            dtype=torch_dtype,
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=True,
-        )
+        if quantize == "none":
+            model: Any = DiffusionGemmaForBlockDiffusion.from_pretrained(
+                model_dir,
+                dtype=torch_dtype,
+                local_files_only=True,
+                trust_remote_code=False,
+                use_safetensors=True,
+            )
+        else:
+            from engine.quantize import QuantizationError, load_quantized, set_expert_dequantization
+
+            try:
+                model, quant_report = load_quantized(model_dir, quantize, torch_device, torch_dtype,
+                                                     on_progress=report, include_embeddings=quantize_embeddings)
+            except QuantizationError as exc:
+                raise CheckpointError(f"{model_dir}: {exc}") from exc
+            set_expert_dequantization(model, whole_layer=expert_dequant == "layer")
+            quantized_parameters = quant_report.quantized_parameters
     except CheckpointError:
         raise
     except Exception as exc:  # transformers raises many types; the user needs one line with the path
@@ -115,7 +135,8 @@ def load_checkpoint(
         mask_token_id=config.get("dgls_mask_token_id"),
         template=config.get("dgls_template"),
         canvas_length=int(model.config.canvas_length),
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=quantized_parameters + sum(p.numel() for p in model.parameters()),
+        quantize=quantize,
     )
 
 

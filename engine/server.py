@@ -50,6 +50,9 @@ class ServeOptions:
     template: str | None = None
     idle_timeout: float | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    quantize: str = "none"
+    quantize_embeddings: bool = False
+    expert_dequant: str = "layer"
 
     def __post_init__(self) -> None:
         if self.idle_timeout is not None and self.idle_timeout <= 0:
@@ -119,8 +122,10 @@ class EngineServer:
             self.load_progress = fraction
 
         try:
+            options = self.options
             loaded = await asyncio.to_thread(
-                load_checkpoint, self.model_dir, self.options.device, self.options.dtype, progress
+                load_checkpoint, self.model_dir, options.device, options.dtype, progress, options.quantize,
+                options.quantize_embeddings, options.expert_dequant,
             )
             self.engine = await asyncio.to_thread(
                 Engine, loaded, self.options.template, self.options.cache_bytes
