@@ -137,6 +137,7 @@ class EngineServer:
             return
         self.scheduler = Scheduler(self.engine.fill)
         self.scheduler.start()
+        self.last_activity = time.monotonic()  # the idle timeout counts from ready, not from the start of loading
         self.ready.set()
         log.info("model ready: %s", self.engine.describe())
 
@@ -146,6 +147,8 @@ class EngineServer:
             return
         while True:
             await asyncio.sleep(min(timeout / 4, 5.0))
+            if not self.ready.is_set():
+                continue  # never exit while the model is still loading
             busy = self.scheduler is not None and self.scheduler.status()["running"]
             if not busy and time.monotonic() - self.last_activity > timeout:
                 log.info("idle for %.0f s: exiting to free the model", timeout)

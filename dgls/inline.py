@@ -1,0 +1,189 @@
+"""`textDocument/inlineCompletion`, the `textDocument/completion` fallback, and what the client tells us about
+shown and accepted suggestions.
+
+Each handler is thin: snapshot the document, look in the completion cache (typed-through suggestions are
+answered without an engine call), build the context, fill, post-process, convert. Every failure is an empty
+answer; only a cancelled request ends with an error (the one the protocol prescribes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from lsprotocol import types
+
+from dgls.context import build_context
+from dgls.postprocess import Suggestion, postprocess
+from dgls.session import Session
+from dgls.snapshot import DocumentSnapshot
+from engine.fill import FillRequest
+
+ACCEPT_COMMAND = "dgls.acceptCompletion"
+SNIFF_CHARS = 4096  # text around the cursor checked for NUL bytes (binary documents get no suggestions)
+
+
+@dataclass(slots=True)
+class Suggested:
+    snapshot: DocumentSnapshot
+    offset: int
+    suggestions: list[Suggestion]
+    item_ids: list[int]
+
+
+async def suggest(
+    session: Session,
+    uri: str,
+    position: types.Position,
+    invoked: bool,
+    selected: types.SelectedCompletionInfo | None = None,
+    channel: str = "",
+) -> Suggested | None:
+    """Suggestions at `position` of the open document `uri`, best first; None when there is nothing to say.
+
+    Requests on one `channel` of a document supersede each other (inline completions and the completion
+    fallback use different channels, so a client that asks for both gets both).
+    """
+    snapshot = DocumentSnapshot.of(session.server.workspace, uri)
+    if snapshot is None or session.shutting_down:
+        return None
+    if not session.options.completion.enabled_for(snapshot.language_id):
+        return None
+    offset = snapshot.offset_at(position)
+    if offset is None:
+        return None
+    text = snapshot.text
+    if "\x00" in text[max(0, offset - SNIFF_CHARS) : offset + SNIFF_CHARS]:
+        return None  # binary data: nothing sensible to complete
+    selected_text = ""
+    if selected is not None:
+        start = snapshot.offset_at(selected.range.start)
+        if start is None or start > offset:
+            return None
+        selected_text = selected.text
+        # The suggestion must extend the selected item: complete as if it were already inserted.
+        text = text[:start] + selected.text + text[offset:]
+        offset = start + len(selected.text)
+    else:
+        # An explicit request at the very spot of the last answer wants fresh suggestions, not the cached ones.
+        hits = [hit for hit in session.cache.lookup(uri, text, offset) if hit.typed or not invoked]
+        if hits:
+            session.stats["cacheHits"] += 1
+            session.publish_status()
+            return Suggested(snapshot, offset, [Suggestion(h.text, h.overwrite) for h in hits[:1]],
+                             [h.item_id for h in hits[:1]])
+    options = session.options
+    line = position.line
+    context = await asyncio.to_thread(
+        build_context, text, offset, line, snapshot.language_id, snapshot.path,
+        options.context.prefix_tokens, options.context.suffix_tokens, options.context.extra_tokens,
+    )
+    if options.completion.mode != "auto":
+        context.mode = options.completion.mode
+    candidates = options.completion.candidates if invoked else 1
+    request = FillRequest(
+        prefix=context.prefix, suffix=context.suffix, language=snapshot.language_id, path=snapshot.path,
+        context=context.snippets, mode=context.mode, candidates=candidates,  # type: ignore[arg-type]
+        deadline_ms=options.deadlines.invoked_ms if invoked else options.deadlines.automatic_ms,
+        seed=options.completion.seed, document=uri + channel, version=snapshot.version, priority="interactive",
+    )
+    result = await session.fill(uri + channel, request)
+    session.publish_status()
+    if result is None:
+        session.stats["emptyAnswers"] += 1
+        return None
+    suggestions = postprocess(result.candidates or [result.text], context)[:candidates]
+    if selected is not None:
+        suggestions = [Suggestion(selected_text + s.text, s.overwrite) for s in suggestions]
+        offset -= len(selected_text)
+        item_ids = [0] * len(suggestions)
+    else:
+        item_ids = session.cache.store(uri, text, offset, [(s.text, s.overwrite) for s in suggestions])
+    return Suggested(snapshot, offset, suggestions, item_ids)
+
+
+def _range(suggested: Suggested, suggestion: Suggestion) -> types.Range:
+    """From the cursor over what the suggestion overwrites on the cursor line (often nothing)."""
+    snapshot = suggested.snapshot
+    start = snapshot.position_at(suggested.offset)
+    end = snapshot.position_at(suggested.offset + suggestion.overwrite) if suggestion.overwrite else start
+    return types.Range(start=start, end=end)
+
+
+async def inline_completion(
+    session: Session, params: types.InlineCompletionParams
+) -> types.InlineCompletionList | None:
+    context = params.context
+    invoked = context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+    selected = context.selected_completion_info
+    suggested = await suggest(session, params.text_document.uri, params.position, invoked, selected)
+    if suggested is None or not suggested.suggestions:
+        return types.InlineCompletionList(items=[])
+    items = []
+    for item_id, suggestion in zip(suggested.item_ids, suggested.suggestions, strict=True):
+        # With a selected completion item, the suggestion replaces what that item would replace.
+        span = selected.range if selected is not None else _range(suggested, suggestion)
+        items.append(types.InlineCompletionItem(
+            insert_text=suggestion.text, range=span,
+            command=types.Command(title="dgls: accepted", command=ACCEPT_COMMAND, arguments=[item_id]),
+        ))
+    return types.InlineCompletionList(items=items)
+
+
+async def completion(session: Session, params: types.CompletionParams) -> types.CompletionList | None:
+    """One item with a `textEdit`, for clients without inline completion."""
+    trigger = params.context.trigger_kind if params.context else types.CompletionTriggerKind.Invoked
+    invoked = trigger == types.CompletionTriggerKind.Invoked
+    suggested = await suggest(session, params.text_document.uri, params.position, invoked, channel="#completion")
+    if suggested is None or not suggested.suggestions:
+        return types.CompletionList(is_incomplete=True, items=[])
+    suggestion = suggested.suggestions[0]
+    label = suggestion.text.strip().split("\n", 1)[0][:60] or suggestion.text[:60]
+    item = types.CompletionItem(
+        label=label, kind=types.CompletionItemKind.Text, detail="dgls", sort_text="0", filter_text="",
+        insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(range=_range(suggested, suggestion), new_text=suggestion.text),
+        command=types.Command(title="dgls: accepted", command=ACCEPT_COMMAND, arguments=[suggested.item_ids[0]]),
+    )
+    return types.CompletionList(is_incomplete=True, items=[item])
+
+
+def _item_id(item: Any) -> int | None:
+    """The id in an item's accept command (items come back as plain JSON in the notifications)."""
+    command = _get(item, "command")
+    arguments = _get(command, "arguments") or []
+    return arguments[0] if arguments and isinstance(arguments[0], int) else None
+
+
+def _get(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return value.get(key)
+    return getattr(value, key, None)
+
+
+def did_show(session: Session, params: Any) -> None:
+    """`dgls/didShowCompletion {item}`: prefer this suggestion when the user types through it."""
+    item_id = _item_id(_get(params, "item"))
+    if item_id is not None and session.cache.mark_shown(item_id) is not None:
+        session.stats["shown"] += 1
+
+
+def did_partially_accept(session: Session, params: Any) -> None:
+    """`dgls/didPartiallyAcceptCompletion {item, acceptedLength}`: the rest stays on offer, typed-through."""
+    item_id = _item_id(_get(params, "item"))
+    accepted = _get(params, "acceptedLength")
+    if item_id is not None:
+        session.cache.mark_shown(item_id)
+    session.stats["partiallyAccepted"] += 1
+    if isinstance(accepted, int) and accepted > 0:
+        session.stats["acceptedChars"] += accepted
+
+
+def accepted(session: Session, item_id: Any) -> None:
+    """The accept command of an item: count it; the suggestion is now text, so it leaves the cache."""
+    session.stats["accepted"] += 1
+    entry = session.cache.entries.pop(item_id, None) if isinstance(item_id, int) else None
+    if entry is not None:
+        session.stats["acceptedChars"] += len(entry.text)
+    session.publish_status()

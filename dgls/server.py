@@ -1,0 +1,142 @@
+"""The dgls language server: pygls wiring only. Handlers live in `inline` and `selection`; state in `session`.
+
+`run_lsp` serves stdio (or TCP). Two protocol changes over pygls' defaults: `workspace/executeCommand` is an
+async handler so `$/cancelRequest` reaches a running fill or rewrite, and every request that arrives after
+`shutdown` is answered with an InvalidRequest error instead of being dropped (a client would wait forever).
+Never imports torch: the model lives in the engine process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.json_rpc import RPCRequest
+from pygls.protocol.language_server import lsp_method
+
+from dgls import __version__, inline, selection
+from dgls.session import Session, current_command
+from engine.protocol import default_socket_path
+
+log = logging.getLogger("dgls.server")
+DID_SHOW = "dgls/didShowCompletion"
+DID_PARTIALLY_ACCEPT = "dgls/didPartiallyAcceptCompletion"
+
+
+class DglsProtocol(LanguageServerProtocol):
+    def handle_message(self, message: Any) -> None:
+        method = getattr(message, "method", None)
+        if self._shutdown and method is not None and method != types.EXIT and isinstance(message, RPCRequest):
+            error = JsonRpcInvalidRequest(f"the server is shutting down; {method} was not run")
+            self._send_response(message.id, None, error.to_response_error())
+            return
+        super().handle_message(message)
+
+    @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
+    async def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams) -> Any:  # type: ignore[override]
+        handler = self.fm.commands.get(params.command)
+        if handler is None:
+            raise JsonRpcInvalidParams(f"unknown command {params.command!r}")
+        current_command.set(params)
+        result = handler(*(params.arguments or []))
+        return await result if inspect.isawaitable(result) else result
+
+
+class DglsServer(LanguageServer):
+    session: Session
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """Malformed messages (e.g. invalid UTF-8) are logged, not shown: the server keeps serving."""
+        log.error("%s: %s", getattr(source, "__name__", source), error)
+        self.window_log_message(types.LogMessageParams(type=types.MessageType.Error, message=f"[dgls] {error}"))
+
+
+def create_server(socket_path: Path | None = None) -> DglsServer:
+    server = DglsServer("dgls", __version__, protocol_cls=DglsProtocol)
+    session = Session(server, socket_path or default_socket_path())
+    server.session = session
+
+    @server.feature(types.INITIALIZE)
+    def initialize(params: types.InitializeParams) -> None:
+        session.apply_options(params.initialization_options)
+
+    @server.feature(types.INITIALIZED)
+    def initialized(params: types.InitializedParams) -> None:
+        session.link.start()
+        session.publish_status()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(params: types.DidChangeConfigurationParams) -> None:
+        session.apply_options(params.settings)
+        session.link.start()
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(params: types.DidCloseTextDocumentParams) -> None:
+        session.forget(params.text_document.uri)
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList | None:
+        return await inline.inline_completion(session, params)
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))
+    async def completion(params: types.CompletionParams) -> types.CompletionList | None:
+        return await inline.completion(session, params)
+
+    @server.feature(
+        types.TEXT_DOCUMENT_CODE_ACTION,
+        types.CodeActionOptions(code_action_kinds=[types.CodeActionKind.RefactorRewrite], resolve_provider=False),
+    )
+    def code_action(params: types.CodeActionParams) -> list[types.CodeAction]:
+        return selection.code_actions(session, params)
+
+    @server.command(selection.FILL_COMMAND)
+    async def fill_selection(*arguments: Any) -> dict[str, Any]:
+        return await selection.run(session, arguments, rewrite=False)
+
+    @server.command(selection.REWRITE_COMMAND)
+    async def rewrite_selection(*arguments: Any) -> dict[str, Any]:
+        return await selection.run(session, arguments, rewrite=True)
+
+    @server.command(inline.ACCEPT_COMMAND)
+    def accept_completion(*arguments: Any) -> None:
+        inline.accepted(session, arguments[0] if arguments else None)
+
+    @server.command("dgls.status")
+    def status(*arguments: Any) -> dict[str, Any]:
+        return session.status()
+
+    @server.feature(DID_SHOW)
+    def did_show(params: Any) -> None:
+        inline.did_show(session, params)
+
+    @server.feature(DID_PARTIALLY_ACCEPT)
+    def did_partially_accept(params: Any) -> None:
+        inline.did_partially_accept(session, params)
+
+    @server.feature(types.SHUTDOWN)
+    async def shutdown(params: Any) -> None:
+        await session.shutdown()
+
+    return server
+
+
+def run_lsp(tcp: str | None, socket_path: Path) -> int:
+    """Serve LSP on stdio, or on TCP `HOST:PORT`; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="dgls %(levelname)s %(message)s")
+    server = create_server(socket_path)
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        if not port.isdigit():
+            print(f"dgls: --tcp wants HOST:PORT, got {tcp!r}", file=sys.stderr)
+            return 2
+        server.start_tcp(host or "127.0.0.1", int(port))
+    else:
+        server.start_io()
+    return 0

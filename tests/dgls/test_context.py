@@ -1,0 +1,119 @@
+"""Context windows, extra snippets and line/block mode from tree-sitter (pure functions, no model)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dgls import syntax
+from dgls.context import LINE_GRID, build_context, clean_text, window_end, window_start
+
+
+def cursor(text: str, marker: str = "|") -> tuple[str, int, int]:
+    offset = text.index(marker)
+    text = text.replace(marker, "", 1)
+    return text, offset, text.count("\n", 0, offset)
+
+
+@pytest.mark.parametrize("grammar", ["python", "javascript", "typescript", "tsx", "go", "rust", "java", "c", "cpp"])
+def test_every_promised_grammar_is_available(grammar: str) -> None:
+    parser = syntax.parser_for(grammar)
+    assert parser is not None
+    assert syntax.error_count(parser, "") == 0
+
+
+def test_unknown_languages_are_plain_text() -> None:
+    assert syntax.grammar_for("brainfuck") is None
+    assert syntax.grammar_for("plaintext", "/x/y.rs") == "rust"  # the extension decides
+    text, offset, line = cursor("foo(1, |\n")
+    assert build_context(text, offset, line, "brainfuck").mode == "line"  # bracket fallback
+    text, offset, line = cursor("hello\n|\n")
+    assert build_context(text, offset, line, "brainfuck").mode == "block"
+
+
+def test_prefix_window_starts_on_the_line_grid_and_stays_put_while_typing() -> None:
+    text = "".join(f"line_{i} = {i}\n" for i in range(200)) + "x = "
+    offset = len(text)
+    start = window_start(text, offset, 200, 400)
+    assert text.count("\n", 0, start) % LINE_GRID == 0
+    assert offset - start <= 400
+    typed = text + "abc"
+    assert window_start(typed, len(typed), 200, 400) == start
+
+
+def test_suffix_window_ends_at_a_line_end_within_budget() -> None:
+    text = "a|" + "".join(f"\nline {i}" for i in range(100))
+    text, offset, _ = cursor(text)
+    end = window_end(text, offset, 100)
+    assert end - offset <= 100
+    assert text[end] == "\n"
+
+
+def test_headers_and_imports_outside_the_window_become_snippets() -> None:
+    body = "".join(f"        self.v{i} = {i}\n" for i in range(60))
+    text, offset, line = cursor(
+        "import os\nfrom typing import Any\n\n\nclass Stack:\n    def __init__(self, items: Any) -> None:\n"
+        + body + "        |\n"
+    )
+    context = build_context(text, offset, line, "python", "/p/stack.py", prefix_tokens=64)
+    assert [s.text for s in context.snippets] == [
+        "import os\nfrom typing import Any",
+        "class Stack:\n    def __init__(self, items: Any) -> None:",
+    ]
+    assert all(s.path == "/p/stack.py" for s in context.snippets)
+    assert "import os" not in context.prefix
+    # inside the window, nothing is repeated
+    assert build_context(text, offset, line, "python", "/p/stack.py", prefix_tokens=4096).snippets == []
+
+
+def test_go_imports_and_function_header() -> None:
+    body = "".join(f"\tx{i} := {i}\n" for i in range(60))
+    text, offset, line = cursor('package main\n\nimport "fmt"\n\nfunc main() {\n' + body + "\t|\n}\n")
+    context = build_context(text, offset, line, "go", "/p/main.go", prefix_tokens=64)
+    assert [s.text for s in context.snippets] == ['package main\nimport "fmt"', "func main()"]
+    assert context.mode == "block"
+
+
+@pytest.mark.parametrize(
+    "language, source, mode",
+    [
+        ("python", "def f(a):\n    |\n", "block"),  # empty line in a block
+        ("python", "x = foo(|)\n", "line"),  # mid-expression
+        ("python", "x = foo(\n    |\n)\n", "line"),  # empty line inside a call
+        ("python", "def f(a):|", "block"),  # right after a block opener
+        ("python", "x = |", "line"),
+        ("javascript", "function f() {\n  |\n}\n", "block"),
+        ("javascript", "const x = [\n  |\n];\n", "line"),
+        ("typescript", "const f = (a: number) => {\n  |\n};\n", "block"),
+        ("rust", "fn main() {\n    let x = |;\n}\n", "line"),
+        ("java", "class A {\n  void f() {\n    |\n  }\n}\n", "block"),
+        ("c", "int main(void) {\n    printf(|);\n}\n", "line"),
+        ("cpp", "int main() {\n    |\n}\n", "block"),
+    ],
+)
+def test_mode_from_syntax(language: str, source: str, mode: str) -> None:
+    text, offset, line = cursor(source)
+    assert build_context(text, offset, line, language, "").mode == mode
+
+
+def test_block_indent_follows_the_block() -> None:
+    text, offset, line = cursor("def f(a):\n|\n")
+    assert build_context(text, offset, line, "python", "").block_indent == "    "
+    text, offset, line = cursor("if x {\n\t|\n}\n")
+    assert build_context(text, offset, line, "go", "").block_indent == "\t"
+
+
+def test_lone_surrogates_and_binary_text_are_safe() -> None:
+    assert clean_text("a\ud800b") == "a\ufffdb"
+    text = "x = '\ud800'\n\x00\x01\xff\n"
+    context = build_context(text, len(text), 2, "python", "")
+    context.prefix.encode("utf-8")  # never raises
+
+
+def test_a_huge_document_parses_only_the_windows() -> None:
+    text = "def f():\n    return 1\n" * 500_000  # ~11 MB
+    started = time.monotonic()
+    context = build_context(text, len(text) // 2, text.count("\n", 0, len(text) // 2), "python", "")
+    assert time.monotonic() - started < 5.0
+    assert len(context.prefix) <= 256 * 4 and len(context.suffix) <= 128 * 4
