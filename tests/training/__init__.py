@@ -1,0 +1,1 @@
+"""Tests for engine/training: tokenizer, spans, corpus split, training step and export."""
