@@ -96,6 +96,7 @@ class Denoiser:
         self.settings = settings
         self.noise = noise
         self.mask_token_id = mask_token_id
+        self.mask_id = mask_token_id if mask_token_id is not None else -1  # -1: no token is the mask
         self.vocab_size = int(model.config.text_config.vocab_size)
         self.canvas_length = int(model.config.canvas_length)
         device = model.device
@@ -145,6 +146,7 @@ class Denoiser:
         forwards = torch.zeros(batch, dtype=torch.long, device=device)
         processed = torch.zeros(0)  # replaced by the first step's logits
         steps, stop_reason, step_seconds = 0, "max_steps", 0.0
+        absorbing = self.noise == "mask" and self.mask_token_id is not None
         for cur_step in range(s.max_steps, 0, -1):
             if control.cancelled is not None and control.cancelled():
                 stop_reason = "cancelled"
@@ -172,15 +174,23 @@ class Denoiser:
             ).view(batch, self.canvas_length)
             new_argmax = new_processed.argmax(dim=-1)
             entropy = token_entropy(new_processed)  # [B, C]
-            sorted_entropy, order = torch.sort(entropy, dim=-1)
+            # Absorbing noise: decided tokens stay; only still-masked positions compete for acceptance.
+            undecided = canvas.eq(self.mask_id) if absorbing else None
+            candidates = entropy if undecided is None else entropy.masked_fill(~undecided, float("inf"))
+            sorted_entropy, order = torch.sort(candidates, dim=-1)
             selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= s.entropy_bound
             accepted = torch.scatter(torch.zeros_like(selected), -1, order, selected)  # [B, C] bool
+            if undecided is not None:
+                sampled = torch.where(undecided, sampled, canvas)
+                accepted = accepted | ~undecided
             if fixed is not None and seed_canvas is not None:
                 accepted = accepted | fixed
                 sampled = torch.where(fixed, canvas, sampled)
                 new_argmax = torch.where(fixed, canvas, new_argmax)
             new_canvas = torch.where(accepted, sampled, canvas)
             new_canvas = torch.where(~accepted, self.noise_like(batch, generator), new_canvas)
+            if absorbing:  # the draft is what is decided, with the best guesses where it is not yet
+                new_argmax = torch.where(new_canvas.ne(self.mask_id), new_canvas, new_argmax)
             if finished.any():
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
@@ -192,9 +202,14 @@ class Denoiser:
             if finished.any():
                 entropy = token_entropy(new_processed)
             mean_entropy = entropy.mean(dim=-1)
-            finished |= stable & (mean_entropy < s.confidence_threshold)
+            if absorbing:
+                finished |= self._decided(new_canvas)
+            else:
+                finished |= stable & (mean_entropy < s.confidence_threshold)
             canvas, argmax, processed = new_canvas, new_argmax, new_processed
-            self_conditioning = processed.to(self.embed_dtype)
+            # Self-conditioning input as the model was trained: transformers' generate (uniform noise) feeds
+            # the tempered logits; dgls' absorbing-noise training feeds the raw ones.
+            self_conditioning = (logits if absorbing else processed).to(self.embed_dtype)
             steps += 1
             step_seconds = time.monotonic() - started
             if control.commit is not None:
@@ -230,6 +245,11 @@ class Denoiser:
             ends = torch.nonzero(is_end[row]).flatten()
             if len(ends) and bool(settled[row, : int(ends[0]) + 1].all()):
                 committed[row] = int(ends[0]) + 1
+
+    def _decided(self, canvas: torch.Tensor) -> torch.Tensor:
+        """[B] bool: no position before the first EOS is still masked (absorbing noise is done)."""
+        after_eos = torch.isin(canvas, self.eos_ids).long().cumsum(dim=-1) > 0
+        return ~(canvas.eq(self.mask_id) & ~after_eos).any(dim=-1)
 
     @staticmethod
     def _score(processed: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:

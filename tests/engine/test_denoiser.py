@@ -184,3 +184,31 @@ def test_token_entropy_is_bit_identical_to_categorical() -> None:
     logits = torch.randn(3, 16, 320, generator=torch.Generator().manual_seed(0)) * 5
     logits[..., 3] = float("-inf")  # a suppressed token, as with mask noise
     assert torch.equal(token_entropy(logits), torch.distributions.Categorical(logits=logits).entropy())
+
+
+def test_absorbing_noise_keeps_decided_tokens(mask_engine: Engine) -> None:
+    canvases: list[torch.Tensor] = []
+    original = mask_engine.model.forward
+
+    def recording_forward(*args, **kwargs):
+        canvases.append(kwargs["decoder_input_ids"].clone())
+        return original(*args, **kwargs)
+
+    mask_engine.model.forward = recording_forward
+    try:
+        result = mask_engine.fill(request(mode="block", candidates=2))
+    finally:
+        mask_engine.model.forward = original
+    assert canvases[0].eq(3).all()  # every position starts masked
+    for before, after in zip(canvases, canvases[1:], strict=False):
+        decided = before.ne(3)
+        assert torch.equal(after[decided], before[decided])  # a decided token never changes or is re-masked
+        assert after.ne(3).sum() > decided.sum()  # each step decides at least one more position
+    assert "<mask>" not in "".join(result.candidates)
+
+
+def test_absorbing_noise_is_done_when_nothing_before_eos_is_masked(mask_engine: Engine) -> None:
+    decided = mask_engine.denoiser._decided
+    assert decided(torch.tensor([[40, 41, 1, 3, 3]])).item() is True  # masks only after EOS
+    assert decided(torch.tensor([[40, 3, 1, 3, 3]])).item() is False
+    assert decided(torch.tensor([[40, 41, 42, 43, 44]])).item() is True
