@@ -55,6 +55,13 @@ class Engine:
         self.drafts: dict[str, tuple[str, str, str]] = {}  # document -> (prefix, suffix, completion)
         self.max_positions = int(self.text_config.max_position_embeddings)
 
+    def warm_up(self) -> float:
+        """Run one throwaway fill so the first real request does not pay torch's first-call costs (seconds on
+        a CPU); leaves no cache entry or draft behind. Returns its duration in ms."""
+        started = time.monotonic()
+        self.fill(FillRequest(prefix="def main():\n    return ", suffix="\n", deadline_ms=60_000, use_cache=False))
+        return _ms(started, time.monotonic())
+
     def _newline_token_ids(self) -> list[int]:
         """Every vocabulary entry whose text contains a line break (the line-mode commit points)."""
         vocab_size = int(self.text_config.vocab_size)

@@ -130,6 +130,7 @@ class EngineServer:
             self.engine = await asyncio.to_thread(
                 Engine, loaded, self.options.template, self.options.cache_bytes
             )
+            log.info("warm-up fill: %.0f ms", await asyncio.to_thread(self.engine.warm_up))
         except Exception as exc:  # CheckpointError or anything else: reported through status and every fill
             self.load_error = str(exc)
             log.error("model failed to load: %s", exc)

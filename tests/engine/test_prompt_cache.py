@@ -45,3 +45,9 @@ def test_cache_is_bounded_by_bytes(tiny_model_dir) -> None:
         fills(engine, f"x_{index} = {index}\n" * (index + 1), use_cache=True)
     assert engine.cache.nbytes <= 60_000
     assert 0 < len(engine.cache.entries) < 12
+
+
+def test_warm_up_leaves_no_cache_entry_or_draft(tiny_model_dir) -> None:
+    engine = Engine(load_checkpoint(tiny_model_dir, device="cpu"))
+    assert engine.warm_up() > 0
+    assert not engine.cache.entries and not engine.drafts
