@@ -1,0 +1,25 @@
+"""Smoke run of the LSP latency benchmark on a tiny model: the promised fields with sane values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "stale_dropped", "cache_hits", "requests")
+
+
+def test_lsp_latency_smoke(tiny_model_dir) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lsp_latency", "--model", str(tiny_model_dir), "--sessions", "1",
+         "--chars", "6"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for field in FIELDS:
+        assert field in summary, field
+    assert summary["requests"] == 6
+    assert summary["engine_ms_p50"] is not None and summary["engine_ms_p50"] > 0
+    assert 0 <= summary["stale_dropped"] <= summary["requests"]
