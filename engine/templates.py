@@ -20,7 +20,7 @@ from typing import Any
 from engine.fill import FillRequest
 
 FIELD = re.compile(r"\{(prefix|suffix|context|language|path|text)\}")
-LINE_GRID = 8  # the prefix window starts on an absolute line number that is a multiple of this
+LINE_GRID = 4  # the prefix window starts on an absolute line number that is a multiple of this
 CHARS_PER_TOKEN_CAP = 32  # never tokenize more than budget * this many characters of one side
 
 
@@ -128,14 +128,21 @@ class PromptBuilder:
         budget = self.template.budgets["prefix"]
         lines = prefix.split("\n")
         first = max(0, len(lines) - budget - 1)  # every line costs at least one token (its newline)
-        while True:
-            start = _round_up(first, LINE_GRID) if first else 0
-            start = min(start, len(lines) - 1)
-            window = "\n".join(lines[start:])[-budget * CHARS_PER_TOKEN_CAP :]
-            ids = self.text_ids(window)
-            if len(ids) <= budget or start == len(lines) - 1:
-                return ids[-budget:]
-            first = start + max(1, _lines_to_drop(lines[start:], len(ids) - budget))
+        pieces = [line + "\n" for line in lines[first:-1]] + [lines[-1]]
+        counts = [len(ids) for ids in self.tokenizer(
+            [piece[: budget * CHARS_PER_TOKEN_CAP] for piece in pieces],
+            add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+        total, start = 0, len(lines) - 1
+        for index in range(len(pieces) - 1, -1, -1):  # the most lines from the end that fit
+            total += counts[index]
+            if total > budget:
+                break
+            start = first + index
+        grid_start = _round_up(start, LINE_GRID)
+        if grid_start < len(lines) - 1:
+            start = grid_start  # a line number on the grid: the same window for many keystrokes
+        window = "\n".join(lines[start:])[-budget * CHARS_PER_TOKEN_CAP :]
+        return self.text_ids(window)[-budget:]
 
     def context_ids(self, request: FillRequest) -> list[int]:
         budget = self.template.budgets["context"]
@@ -149,12 +156,3 @@ class PromptBuilder:
 
 def _round_up(value: int, grid: int) -> int:
     return -(-value // grid) * grid
-
-
-def _lines_to_drop(lines: list[str], excess_tokens: int) -> int:
-    """A guess of how many leading lines hold `excess_tokens` tokens (about 4 characters a token)."""
-    dropped, chars = 0, 0
-    while dropped < len(lines) - 1 and chars < excess_tokens * 4:
-        chars += len(lines[dropped]) + 1
-        dropped += 1
-    return dropped

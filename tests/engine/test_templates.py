@@ -77,3 +77,12 @@ def test_bad_template_files_are_clear_errors(tmp_path, content, message) -> None
 def test_unknown_template_name_lists_the_shipped_ones() -> None:
     with pytest.raises(TemplateError, match="dgls-fim"):
         load_template("no-such-template")
+
+
+def test_prefix_window_uses_most_of_its_budget(tokenizer) -> None:
+    template = PromptTemplate.from_dict({"segments": ["{prefix}"], "budgets": {"prefix": 96}}, "t")
+    builder = PromptBuilder(tokenizer, template)
+    body = "".join(f"total = total + compute(value_{i}, other_{i})\n" for i in range(300))
+    ids = builder.prefix_ids(body + "res")
+    assert 48 <= len(ids) <= 96  # at most a few grid lines are given up for stability
+    assert tokenizer.decode(ids).endswith("res")
