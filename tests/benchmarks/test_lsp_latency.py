@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from tests.benchmarks.runner import run_benchmark
 
 FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "stale_dropped", "cache_hits", "requests")
 
 
 def test_lsp_latency_smoke(tiny_model_dir) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lsp_latency", "--model", str(tiny_model_dir), "--sessions", "1",
-         "--chars", "6"],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
-    )
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = run_benchmark("benchmarks.lsp_latency", "--model", str(tiny_model_dir), "--sessions", "1",
+                            "--chars", "6")
     for field in FIELDS:
         assert field in summary, field
     assert summary["requests"] == 6
