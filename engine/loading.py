@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -20,8 +20,6 @@ from engine.checkpoint import CheckpointError, check_checkpoint_dir, default_mod
 
 log = logging.getLogger("dgls.engine")
 
-Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(slots=True)
