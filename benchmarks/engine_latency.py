@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             engine.cache.clear()
             cold_ms, first = timed(engine.fill, to_request(cut, f"doc{index}", seed=repeat))
-            typed = CutRequest(cut.path, cut.prefix + cut.middle[:1], cut.suffix[1:], cut.middle[1:], cut.mode)
+            typed = CutRequest(cut.path, cut.prefix + cut.middle[:1], cut.suffix, cut.middle[1:], cut.mode)
             warm_ms, second = timed(engine.fill, to_request(typed, f"doc{index}", seed=repeat))
             cold_runs.append(cold_ms)
             warm_runs.append(warm_ms)

@@ -6,10 +6,13 @@ Usage:
 A real LSP client (pygls `LanguageClient`) starts `dgls lsp` (which starts a private engine), opens real
 files cut at a random line, and types the rest of that line one character at a time at typing speed: each
 keystroke is a `didChange` followed by an automatic `textDocument/inlineCompletion`, without waiting for the
-previous answer, as editors do. Reports the end-to-end `p50_ms`/`p95_ms` of answered requests,
-`engine_ms_p50` (the engine's own `total_ms` for its fills, from its status), `overhead_ratio`
-(end-to-end p50 / engine p50), `stale_dropped` (requests answered empty because a newer keystroke superseded
-them) and `cache_hits` (answers served from the typed-through cache without the engine). Fixed seed, one
+previous answer, as editors do. Every request is paired with the engine's own `total_ms` for its fill (the
+server's `dgls/status` names the document version of each finished fill). Reports, over the requests whose
+fill ran to the end in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
+`overhead_ratio` (end-to-end p50 / engine p50; it includes waiting for the engine to drop the previous
+keystroke's fill) and `overhead_ms_p50`; also `answered` (requests answered with a suggestion after
+post-processing), `stale_dropped` (answered empty without a finished fill: superseded by a newer keystroke)
+and `cache_hits` (answers served from the typed-through cache without the engine). Fixed seed, one
 warm-up session; progress on stderr; the last stdout line is one JSON object.
 """
 
@@ -33,10 +36,12 @@ from benchmarks.harness_engine import percentile
 from benchmarks.requests_from_files import default_files
 from engine.client import EngineClient, EngineError, wait_ready
 
+Timing = tuple[float, bool, float | None]  # end-to-end ms, answered with an item, the engine's ms for that fill
+
 
 async def typing_session(client: LanguageClient, uri: str, text: str, line: int, typed: str, pause_s: float,
-                         timings: list[tuple[float, bool]]) -> None:
-    """Open `text`, then type `typed` at the end of `line`; record (latency ms, answered with an item)."""
+                         timings: list[Timing], server_status: dict[str, Any]) -> None:
+    """Open `text`, then type `typed` at the end of `line`; record a `Timing` per keystroke's request."""
     client.text_document_did_open(types.DidOpenTextDocumentParams(
         text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
     column = len(text.split("\n")[line])
@@ -52,19 +57,25 @@ async def typing_session(client: LanguageClient, uri: str, text: str, line: int,
             text_document=types.TextDocumentIdentifier(uri=uri),
             position=types.Position(line=line, character=column + index + 1),
             context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))
-        pending.append(asyncio.ensure_future(timed_request(client, params, timings)))
+        pending.append(asyncio.ensure_future(timed_request(client, params, version, timings, server_status)))
         await asyncio.sleep(pause_s)
     await asyncio.gather(*pending)
     client.text_document_did_close(types.DidCloseTextDocumentParams(
         text_document=types.TextDocumentIdentifier(uri=uri)))
 
 
-async def timed_request(client: LanguageClient, params: types.InlineCompletionParams,
-                        timings: list[tuple[float, bool]]) -> None:
+async def timed_request(client: LanguageClient, params: types.InlineCompletionParams, version: int,
+                        timings: list[Timing], server_status: dict[str, Any]) -> None:
+    """One request's latency, paired with the engine's own time for its fill. The server publishes `dgls/status`
+    right before it answers, on the same stream, with `lastFill` = {document, version, engineMs} of the newest
+    finished fill: when that names this request's document version, the fill was this request's."""
     started = time.perf_counter()
     result = await client.text_document_inline_completion_async(params)
+    elapsed = (time.perf_counter() - started) * 1000
     items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
-    timings.append(((time.perf_counter() - started) * 1000, bool(items)))
+    last = _as_dict(server_status.get("lastFill") or {})
+    ours = last.get("document") == params.text_document.uri and last.get("version") == version
+    timings.append((elapsed, bool(items), last.get("engineMs") if ours else None))
 
 
 def cut_sessions(count: int, chars: int, seed: int) -> list[tuple[Path, str, int, str]]:
@@ -101,13 +112,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     client.feature("dgls/status")(lambda params: server_status.update(_as_dict(params)))
     client.feature(types.WINDOW_LOG_MESSAGE)(lambda params: None)
     sessions = cut_sessions(args.sessions + 1, args.chars, args.seed)
-    timings: list[tuple[float, bool]] = []
+    timings: list[Timing] = []
     try:
         for number, (path, text, line, typed) in enumerate(sessions):
             print(f"session {number}/{args.sessions}: {path.name}:{line + 1} typing {typed!r}", file=sys.stderr)
-            run_timings: list[tuple[float, bool]] = []
+            run_timings: list[Timing] = []
             await typing_session(client, path.resolve().as_uri() + f"?session={number}", text, line, typed,
-                                 args.typing_ms / 1000, run_timings)
+                                 args.typing_ms / 1000, run_timings, server_status)
             if number:  # session 0 warms up the engine and the caches
                 timings.extend(run_timings)
             else:  # the server starts the engine on demand: wait until its model is loaded
@@ -123,20 +134,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine.shutdown()
         except EngineError:
             pass
-    answered = [ms for ms, has_item in timings if has_item]
-    engine_ms = status.get("recent_latencies_ms") or []
-    p50 = percentile(answered, 50)
-    engine_p50 = round(statistics.median(engine_ms), 2) if engine_ms else None
+    filled = [(ms, engine) for ms, _, engine in timings if engine is not None]  # fills that ran to the end
+    answered = [ms for ms, has_item, _ in timings if has_item]
+    end_to_end = [ms for ms, _ in filled]
+    p50 = percentile(end_to_end, 50)
+    engine_p50 = round(statistics.median(engine for _, engine in filled), 2) if filled else None
     return {
         "model": status.get("model"),
         "device": status.get("device"),
         "requests": len(timings),
+        "filled": len(filled),
         "answered": len(answered),
         "p50_ms": p50,
-        "p95_ms": percentile(answered, 95),
+        "p95_ms": percentile(end_to_end, 95),
         "engine_ms_p50": engine_p50,
         "overhead_ratio": round(p50 / engine_p50, 3) if p50 and engine_p50 else None,
-        "stale_dropped": sum(1 for _, has_item in timings if not has_item),
+        "overhead_ms_p50": round(statistics.median(ms - engine for ms, engine in filled), 2) if filled else None,
+        "answered_p50_ms": percentile(answered, 50),
+        "stale_dropped": sum(1 for _, has_item, engine in timings if engine is None and not has_item),
         "engine_fills": status.get("requests_served"),
         "cache_hits": server_status.get("cacheHits"),
     }

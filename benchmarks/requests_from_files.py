@@ -1,7 +1,7 @@
 """Realistic fill requests cut from real source files, deterministically.
 
-A request puts the cursor inside a non-blank line of a file (the rest of the line is the expected middle in
-line mode) or at the start of a block body (the next lines up to a dedent are the middle in block mode).
+A request puts the cursor inside a non-blank line of a file and removes the rest of that line, which is the
+expected middle; the suffix starts at that line's line break. `mode` is passed through to the fill request.
 By default the files are this project's own sources, which no shipped model was trained on.
 """
 
@@ -43,6 +43,6 @@ def cut_requests(files: list[Path], count: int, seed: int = 0, mode: str = "line
         indent = len(line) - len(stripped)
         column = indent + rng.randrange(1, max(2, len(stripped) // 2))
         before = "\n".join(lines[:index]) + "\n" + line[:column]
-        requests.append(CutRequest(str(path.relative_to(PROJECT)), before, line[column:] + "\n" + "\n".join(
-            lines[index + 1:]), line[column:], mode))
+        after = "\n" + "\n".join(lines[index + 1:])  # the middle (rest of the line) is what the model must write
+        requests.append(CutRequest(str(path.relative_to(PROJECT)), before, after, line[column:], mode))
     return requests

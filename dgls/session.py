@@ -43,6 +43,7 @@ class Session:
         self.stats = {"engineCalls": 0, "cacheHits": 0, "shown": 0, "accepted": 0, "partiallyAccepted": 0,
                       "acceptedChars": 0, "emptyAnswers": 0}
         self.latest: dict[str, asyncio.Task[FillResult]] = {}
+        self.last_fill: dict[str, Any] = {}  # {document, version, engineMs} of the newest fill the engine finished
         self.told: set[str] = set()
         self.progress_token: str | None = None
         self.progress_ids = itertools.count(1)
@@ -96,6 +97,7 @@ class Session:
             "device": self.link.engine_status.get("device"),
             "socket": str(self.link.settings.socket_path),
             "lastLatencyMs": self.link.last_latency_ms,
+            "lastFill": self.last_fill,
             "message": self.link.message,
             "debounceMs": self.options.completion.debounce_ms,
             **self.stats,
@@ -185,6 +187,7 @@ class Session:
             if self.latest.get(key) is task:
                 del self.latest[key]
         self.stats["engineCalls"] += 1
+        self.last_fill = {"document": key, "version": request.version, "engineMs": result.timings.get("total_ms")}
         return result
 
     def _engine_error(self, exc: EngineError) -> None:

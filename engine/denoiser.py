@@ -167,11 +167,6 @@ class Denoiser:
             new_processed = logits / temperature
             if self.noise == "mask":
                 new_processed[..., self.mask_token_id] = float("-inf")
-            sampled = torch.multinomial(
-                torch.softmax(new_processed, dim=-1, dtype=torch.float32).view(-1, self.vocab_size),
-                num_samples=1,
-                generator=generator,
-            ).view(batch, self.canvas_length)
             new_argmax = new_processed.argmax(dim=-1)
             entropy = token_entropy(new_processed)  # [B, C]
             # Absorbing noise: decided tokens stay; only still-masked positions compete for acceptance.
@@ -180,8 +175,12 @@ class Denoiser:
             sorted_entropy, order = torch.sort(candidates, dim=-1)
             selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= s.entropy_bound
             accepted = torch.scatter(torch.zeros_like(selected), -1, order, selected)  # [B, C] bool
-            if undecided is not None:
-                sampled = torch.where(undecided, sampled, canvas)
+            if undecided is None:  # uniform noise: every position draws, in generate's order (same bits)
+                sampled = self._sample(new_processed.view(-1, self.vocab_size), generator).view_as(canvas)
+            else:  # absorbing noise: only the positions accepted this step need a token
+                sampled = canvas.clone()
+                newly = accepted & undecided
+                sampled[newly] = self._sample(new_processed[newly], generator)
                 accepted = accepted | ~undecided
             if fixed is not None and seed_canvas is not None:
                 accepted = accepted | fixed
@@ -231,6 +230,14 @@ class Denoiser:
             cancelled=stop_reason == "cancelled",
             stop_reason=stop_reason,
         )
+
+    @staticmethod
+    def _sample(processed: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per row of `processed` [N, V] from its softmax; [N]."""
+        if processed.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=processed.device)
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        return torch.multinomial(probs, num_samples=1, generator=generator).view(-1)
 
     def _commit(
         self, argmax: torch.Tensor, settled: torch.Tensor, mode: str, finished: torch.Tensor, committed: list[int]

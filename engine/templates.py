@@ -22,6 +22,8 @@ from engine.fill import FillRequest
 FIELD = re.compile(r"\{(prefix|suffix|context|language|path|text)\}")
 LINE_GRID = 4  # the prefix window starts on an absolute line number that is a multiple of this
 CHARS_PER_TOKEN_CAP = 32  # never tokenize more than budget * this many characters of one side
+TEXT_MEMO_ENTRIES = 64  # tokenized suffixes, windows and snippets remembered (a few per open document)
+LINE_MEMO_ENTRIES = 65_536  # per-line token counts remembered for sizing prefix windows
 
 
 class TemplateError(Exception):
@@ -86,12 +88,29 @@ class PromptBuilder:
     def __init__(self, tokenizer: Any, template: PromptTemplate) -> None:
         self.tokenizer = tokenizer
         self.template = template
+        # Tokenizing is a few ms a request through transformers' wrapper; while the user types, the suffix,
+        # the context and all but the last prefix line stay the same, so their tokens are remembered.
+        self._text_memo: dict[str, tuple[int, ...]] = {}
+        self._line_counts: dict[str, int] = {}
 
     def text_ids(self, text: str) -> list[int]:
         """Ids of user text; special-token strings inside it stay plain text."""
         if not text:
             return []
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        memo = self._text_memo.get(text)
+        if memo is None:
+            memo = tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            _bounded_put(self._text_memo, text, memo, TEXT_MEMO_ENTRIES)
+        return list(memo)
+
+    def line_token_counts(self, pieces: list[str]) -> list[int]:
+        """Token count of each piece (a line with its newline), tokenizing only pieces not seen before."""
+        missing = list(dict.fromkeys(piece for piece in pieces if piece not in self._line_counts))
+        if missing:
+            ids = self.tokenizer(missing, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            for piece, piece_ids in zip(missing, ids, strict=True):
+                _bounded_put(self._line_counts, piece, len(piece_ids), LINE_MEMO_ENTRIES)
+        return [self._line_counts[piece] for piece in pieces]
 
     def literal_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -129,9 +148,7 @@ class PromptBuilder:
         lines = prefix.split("\n")
         first = max(0, len(lines) - budget - 1)  # every line costs at least one token (its newline)
         pieces = [line + "\n" for line in lines[first:-1]] + [lines[-1]]
-        counts = [len(ids) for ids in self.tokenizer(
-            [piece[: budget * CHARS_PER_TOKEN_CAP] for piece in pieces],
-            add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+        counts = self.line_token_counts([piece[: budget * CHARS_PER_TOKEN_CAP] for piece in pieces])
         total, start = 0, len(lines) - 1
         for index in range(len(pieces) - 1, -1, -1):  # the most lines from the end that fit
             total += counts[index]
@@ -152,6 +169,14 @@ class PromptBuilder:
                 break
             ids += self._literal_with_fields(self.template.context_item, {"path": snippet.path, "text": snippet.text})
         return ids[:budget]
+
+
+def _bounded_put(memo: dict[str, Any], key: str, value: Any, limit: int) -> None:
+    """Insert into a memo that forgets its oldest entries once it holds `limit` of them."""
+    if len(memo) >= limit:
+        for old in list(memo)[: limit // 2]:
+            del memo[old]
+    memo[key] = value
 
 
 def _round_up(value: int, grid: int) -> int:

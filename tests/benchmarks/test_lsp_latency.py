@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tests.benchmarks.runner import run_benchmark
 
-FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "stale_dropped", "cache_hits", "requests")
+FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "overhead_ms_p50", "stale_dropped", "cache_hits",
+          "requests", "filled", "answered")
 
 
 def test_lsp_latency_smoke(tiny_model_dir) -> None:
@@ -15,3 +16,6 @@ def test_lsp_latency_smoke(tiny_model_dir) -> None:
     assert summary["requests"] == 6
     assert summary["engine_ms_p50"] is not None and summary["engine_ms_p50"] > 0
     assert 0 <= summary["stale_dropped"] <= summary["requests"]
+    # every fill is paired with the engine's own time for it, and the round trip cannot beat the engine
+    assert 1 <= summary["filled"] <= summary["requests"]
+    assert summary["p50_ms"] >= summary["engine_ms_p50"] and summary["overhead_ms_p50"] >= 0
