@@ -9,6 +9,8 @@ Reports (median over requests of the median over repeats, after a warm-up):
 - the dgls engine's fill vs `model.generate(...)` from transformers on the same model, prompt and sampler
   settings, both warm in-process -> `dgls_over_transformers`, with `agreement` (share of identical outputs)
   and exact match of both against the reference middles;
+- `typed_through_ms` (the same document after typing the first character of its own suggestion: the engine
+  starts from the rest of that suggestion) -> `typed_through_over_cold`, over the requests with a suggestion;
 - `tokens_per_forward`, `steps_mean`, `early_commit_saved_steps`;
 - `cancel_ms`: from a cancel to the engine being idle, and the same in denoising steps (`cancel_steps`).
 Progress goes to stderr; the last stdout line is one JSON object.
@@ -29,14 +31,18 @@ from typing import Any
 import torch
 
 from benchmarks.requests_from_files import CutRequest, cut_requests, default_files
+from dgls.context import build_context
 from engine.engine import Engine
 from engine.fill import FillRequest
 from engine.loading import load_checkpoint
 
 
 def to_request(cut: CutRequest, document: str, **extra: Any) -> FillRequest:
-    return FillRequest(prefix=cut.prefix, suffix=cut.suffix, path=cut.path, language="python",
-                       mode="block" if cut.mode == "block" else "line", deadline_ms=60_000, document=document, **extra)
+    """The fill request the language server sends for this cursor (its context builder, default options)."""
+    context = build_context(cut.prefix + cut.suffix, len(cut.prefix), cut.prefix.count("\n"), "python", cut.path)
+    return FillRequest(prefix=context.prefix, suffix=context.suffix, context=context.snippets, path=cut.path,
+                       language="python", mode="block" if cut.mode == "block" else "line", deadline_ms=60_000,
+                       document=document, **extra)
 
 
 def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
@@ -75,18 +81,29 @@ def main(argv: list[str] | None = None) -> int:
     engine.model.generate(torch.tensor([engine.builder.render(to_request(cuts[0], "w"))]), max_new_tokens=8)
 
     cold, warm, ours, theirs, steps, tpf, saved = [], [], [], [], [], [], []
+    through, through_cold = [], []
     agree = dgls_exact = hf_exact = 0
     for index, cut in enumerate(cuts):
-        cold_runs, warm_runs = [], []
+        cold_runs, warm_runs, through_runs = [], [], []
         for repeat in range(args.repeats):
+            document = f"doc{index}-{repeat}"
             engine.cache.clear()
-            cold_ms, first = timed(engine.fill, to_request(cut, f"doc{index}", seed=repeat))
+            engine.builder.forget()
+            cold_ms, first = timed(engine.fill, to_request(cut, document, seed=repeat))
+            # the user types the next character of the real line (whatever was suggested)
             typed = CutRequest(cut.path, cut.prefix + cut.middle[:1], cut.suffix, cut.middle[1:], cut.mode)
-            warm_ms, second = timed(engine.fill, to_request(typed, f"doc{index}", seed=repeat))
+            warm_ms, second = timed(engine.fill, to_request(typed, document, seed=repeat))
             cold_runs.append(cold_ms)
             warm_runs.append(warm_ms)
+            if first.text:  # ... or the first character of the suggestion (typing through it)
+                engine.fill(to_request(cut, document + "t", seed=repeat))
+                accepted = CutRequest(cut.path, cut.prefix + first.text[:1], cut.suffix, "", cut.mode)
+                through_runs.append(timed(engine.fill, to_request(accepted, document + "t", seed=repeat))[0])
         cold.append(statistics.median(cold_runs))
         warm.append(statistics.median(warm_runs))
+        if through_runs:
+            through.append(statistics.median(through_runs))
+            through_cold.append(cold[-1])
         steps.append(first.steps)
         tpf.append(first.tokens_per_forward)
         no_commit = engine.fill(to_request(cut, f"doc{index}", early_commit=False))
@@ -122,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         "cold_ms": median(cold),
         "warm_ms": median(warm),
         "warm_over_cold": round(statistics.median(cold) and statistics.median(warm) / statistics.median(cold), 3),
+        "typed_through_requests": len(through),
+        "typed_through_ms": median(through) if through else None,
+        "typed_through_over_cold": round(statistics.median(through) / statistics.median(through_cold), 3)
+        if through else None,
         "dgls_ms": median(ours),
         "transformers_ms": median(theirs),
         "dgls_over_transformers": round(statistics.median(ours) / statistics.median(theirs), 3),

@@ -93,6 +93,11 @@ class PromptBuilder:
         self._text_memo: dict[str, tuple[int, ...]] = {}
         self._line_counts: dict[str, int] = {}
 
+    def forget(self) -> None:
+        """Drop the remembered tokenizations (benchmarks measuring a cold request call this)."""
+        self._text_memo.clear()
+        self._line_counts.clear()
+
     def text_ids(self, text: str) -> list[int]:
         """Ids of user text; special-token strings inside it stay plain text."""
         if not text:

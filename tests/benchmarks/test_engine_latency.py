@@ -6,7 +6,7 @@ from tests.benchmarks.runner import run_benchmark
 
 FIELDS = ("cold_ms", "warm_ms", "warm_over_cold", "dgls_over_transformers", "agreement", "dgls_exact_match",
           "transformers_exact_match", "tokens_per_forward", "steps_mean", "early_commit_saved_steps", "cancel_ms",
-          "cancel_steps")
+          "cancel_steps", "typed_through_requests", "typed_through_ms", "typed_through_over_cold")
 
 
 def test_engine_latency_smoke(tiny_model_dir) -> None:
@@ -18,3 +18,5 @@ def test_engine_latency_smoke(tiny_model_dir) -> None:
     assert 0.0 <= summary["agreement"] <= 1.0
     assert summary["steps_mean"] >= 1 and summary["tokens_per_forward"] > 0
     assert summary["cancel_ms"] >= 0
+    assert 0 <= summary["typed_through_requests"] <= 2
+    assert (summary["typed_through_ms"] is None) == (summary["typed_through_requests"] == 0)

@@ -98,3 +98,43 @@ def test_stop_stops_the_engine(socket_path, tiny_model_dir, source_file) -> None
     assert start.returncode == 0, start.stderr
     assert dgls("engine", "stop", "--socket", str(socket_path)).returncode == 0
     assert dgls("engine", "status", "--socket", str(socket_path)).returncode == 1
+
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "engine" / "default_model"
+# Places to ask the shipped model for a completion; the test uses the first where it suggests something.
+DEMO_POSITIONS = [
+    ("import json\n\n\ndef load(path):\n    with open(path) as f:\n        data = \n    return data\n", 6, 16),
+    ("def main():\n    print(\n", 2, 11),
+    ("def add(a, b):\n    return \n", 2, 12),
+    ("class Point:\n    def __init__(self\n", 2, 22),
+]
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="no shipped default model")
+def test_complete_on_the_default_model_then_type_one_character(tmp_path) -> None:
+    """The shipped model through the CLI with no --model: a completion is printed; after one more typed
+    character the engine reuses the encoded prompt and, the character being how the suggestion began, starts
+    from the rest of the suggestion (one denoising step instead of a full denoise)."""
+    common = ["--socket", str(tmp_path / "engine.sock"), "--json", "--device", "cpu"]
+    source = tmp_path / "demo.py"
+    try:
+        for text, line, column in DEMO_POSITIONS:
+            source.write_text(text)
+            run = dgls("complete", f"{source}:{line}:{column}", *common)
+            assert run.returncode == 0, run.stderr
+            first = json.loads(run.stdout.strip().splitlines()[-1])
+            if first["text"]:
+                break
+        else:
+            pytest.fail("the shipped model suggested nothing at any demo position")
+        lines = text.split("\n")
+        lines[line - 1] = lines[line - 1][: column - 1] + first["text"][0] + lines[line - 1][column - 1 :]
+        source.write_text("\n".join(lines))
+        second = json.loads(dgls("complete", f"{source}:{line}:{column + 1}", *common).stdout.strip().splitlines()[-1])
+        status = json.loads(dgls("engine", "status", "--json", "--socket", str(tmp_path / "engine.sock")).stdout)
+    finally:
+        dgls("engine", "stop", "--socket", str(tmp_path / "engine.sock"))
+    assert Path(status["model"]).resolve() == DEFAULT_MODEL.resolve()
+    assert second["cached_prompt_tokens"] >= 0.9 * second["prompt_tokens"]
+    assert second["warm_start"] is True and second["steps"] == 1
+    assert first["text"][0] + second["text"] == first["text"]  # the rest of the same suggestion
