@@ -27,6 +27,7 @@ class CachedSuggestion:
     text: str
     overwrite: int
     shown: bool = False
+    batch: int = 0  # the `store` call that made it: one request's suggestions, best first
 
 
 @dataclass(slots=True)
@@ -42,15 +43,16 @@ class CompletionCache:
         self.max_entries = max_entries
         self.entries: OrderedDict[int, CachedSuggestion] = OrderedDict()
         self.ids = itertools.count(1)
+        self.batches = itertools.count(1)
 
     def store(self, uri: str, text: str, offset: int, suggestions: list[tuple[str, int]]) -> list[int]:
         """Remember suggestions (text, overwrite) made at `offset` of `text`; returns their item ids."""
         before, after = text[max(0, offset - KEY_CHARS) : offset], text[offset : offset + KEY_CHARS]
-        ids = []
+        ids, batch = [], next(self.batches)
         for suggestion, overwrite in suggestions:
             item_id = next(self.ids)
             self.entries[item_id] = CachedSuggestion(
-                item_id, uri, offset, len(text), before, after, suggestion, overwrite
+                item_id, uri, offset, len(text), before, after, suggestion, overwrite, batch=batch
             )
             ids.append(item_id)
         while len(self.entries) > self.max_entries:
@@ -58,7 +60,8 @@ class CompletionCache:
         return ids
 
     def lookup(self, uri: str, text: str, offset: int) -> list[CacheHit]:
-        """Suggestions still valid at `offset` of `text`: shown ones first, then newest first."""
+        """Suggestions still valid at `offset` of `text`: shown ones first, then the newest request's first, each
+        request's in its own order (best first)."""
         hits = []
         for entry in reversed(self.entries.values()):
             typed = offset - entry.offset
@@ -72,8 +75,9 @@ class CompletionCache:
                 continue
             if text[offset : offset + KEY_CHARS] != entry.after:
                 continue
-            hits.append((not entry.shown, CacheHit(entry.item_id, entry.text[typed:], entry.overwrite, typed)))
-        hits.sort(key=lambda pair: pair[0])  # stable: shown first, newest first within each
+            rank = (not entry.shown, -entry.batch, entry.item_id)
+            hits.append((rank, CacheHit(entry.item_id, entry.text[typed:], entry.overwrite, typed)))
+        hits.sort(key=lambda pair: pair[0])
         unique: dict[tuple[str, int], CacheHit] = {}
         for _, hit in hits:
             unique.setdefault((hit.text, hit.overwrite), hit)

@@ -37,6 +37,14 @@ def test_shown_suggestions_come_first_and_the_cache_is_bounded() -> None:
     assert not cache.entries
 
 
+
+def test_one_request_keeps_its_order_and_a_newer_request_comes_first() -> None:
+    cache = CompletionCache()
+    cache.store("u", "x = ", 4, [("best", 0), ("second", 0), ("third", 0)])  # one invoked request, best first
+    assert [hit.text for hit in cache.lookup("u", "x = ", 4)] == ["best", "second", "third"]
+    cache.store("u", "x = ", 4, [("newer", 0)])
+    assert [hit.text for hit in cache.lookup("u", "x = ", 4)] == ["newer", "best", "second", "third"]
+
 def snapshot(text: str) -> DocumentSnapshot:
     return DocumentSnapshot(uri="u", version=1, text=text, language_id="python", path="/x.py")
 

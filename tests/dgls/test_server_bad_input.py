@@ -1,5 +1,5 @@
-"""End to end: every bad input gets an empty result or a JSON-RPC error, never a crash or a hang; an engine that
-cannot be reached or started is reported once and answered empty."""
+"""End to end on the shipped default model: every bad input gets an empty result or a JSON-RPC error, never a
+crash or a hang; an engine that cannot be reached or started is reported once and answered empty."""
 
 from __future__ import annotations
 
@@ -18,23 +18,18 @@ from pytest_lsp import ClientServerConfig
 
 from tests.dgls.conftest import (
     CAPABILITIES,
+    DEFAULT_MODEL,
     engine_status,
     inline_params,
     lsp_client,
     open_document,
     server_options,
     stop_client,
-    stop_engine,
     wait_for_status,
 )
 
 URI = "file:///work/demo/bad.py"
 TEXT = "def f(a):\n    return \n"
-
-
-@pytest.fixture
-def options(lsp_model_dir, engine_socket) -> dict[str, Any]:
-    return server_options(lsp_model_dir, engine_socket)
 
 
 async def complete(client: Any, uri: str, line: int, character: int) -> types.InlineCompletionList:
@@ -113,8 +108,8 @@ async def test_requests_during_shutdown_get_an_error_and_the_server_exits(option
         await stop_client(client)
 
 
-async def test_no_engine_answers_empty_and_tells_the_user_once(lsp_model_dir, tmp_path) -> None:
-    options = server_options(lsp_model_dir, tmp_path / "nobody.sock", engine={"start": False, "loadTimeout": 1})
+async def test_no_engine_answers_empty_and_tells_the_user_once(tmp_path) -> None:
+    options = server_options(None, tmp_path / "nobody.sock", engine={"start": False, "loadTimeout": 1})
     async with lsp_client(options, wait_ready=False) as client:
         await wait_for_status(client, lambda s: s["state"] == "failed")
         open_document(client, URI, TEXT)
@@ -133,33 +128,31 @@ async def test_a_broken_model_is_reported(tmp_path) -> None:
         assert any("could not start" in m.message for m in client.messages)
 
 
-async def test_an_engine_serving_another_model_is_reported(options, slow_model_dir) -> None:
+async def test_an_engine_serving_another_model_is_reported(options, tmp_path) -> None:
     async with lsp_client(options):
-        pass  # the shared engine runs, serving the fast tiny model
-    other = {**options, "engine": {**options["engine"], "model": str(slow_model_dir)}}
+        pass  # the shared engine runs, serving the default model
+    another = tmp_path / "another-model"  # never loaded: the engine on the socket keeps its own model
+    other = {**options, "engine": {**options["engine"], "model": str(another)}}
     async with lsp_client(other) as client:
         await wait_for_status(client, lambda s: s["state"] == "ready")
         told = [m.message for m in client.messages if "serves" in m.message]
-        assert len(told) == 1 and str(slow_model_dir) in told[0]
+        assert len(told) == 1 and str(another) in told[0] and str(DEFAULT_MODEL) in told[0]
 
 
-async def test_an_engine_that_exits_when_idle_is_started_again_quietly(lsp_model_dir, tmp_path) -> None:
-    socket = tmp_path / "idle.sock"
-    options = server_options(lsp_model_dir, socket, engine={"idleTimeout": 600})
-    try:
-        async with lsp_client(options) as client:
-            open_document(client, URI, TEXT)
-            pid = engine_status(socket)["pid"]
-            os.kill(pid, signal.SIGTERM)  # a clean exit while idle, as its idle timeout would do
-            deadline = time.monotonic() + 30
-            while socket.exists() and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert not socket.exists()
-            assert not (await complete(client, URI, 1, 11)).items  # answered at once, empty
-            stopped = await wait_for_status(client, lambda s: s["state"] == "stopped" and "idle" in s["message"])
-            await wait_for_status(client, lambda s: s["state"] == "ready", timeout=120, after=stopped)
-            await complete(client, URI, 1, 11)
-            assert engine_status(socket)["pid"] != pid
-            assert not [m for m in client.messages if "engine" in m.message]  # nothing to tell the user
-    finally:
-        stop_engine(socket)
+async def test_an_engine_that_exits_when_idle_is_started_again_quietly(engine_socket) -> None:
+    """Stops the session's engine; this server starts it again (with an idle timeout no test reaches)."""
+    options = server_options(None, engine_socket, engine={"idleTimeout": 600})
+    async with lsp_client(options) as client:
+        open_document(client, URI, TEXT)
+        pid = engine_status(engine_socket)["pid"]
+        os.kill(pid, signal.SIGTERM)  # a clean exit while idle, as its idle timeout would do
+        deadline = time.monotonic() + 30
+        while engine_socket.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not engine_socket.exists()
+        assert not (await complete(client, URI, 1, 11)).items  # answered at once, empty
+        stopped = await wait_for_status(client, lambda s: s["state"] == "stopped" and "idle" in s["message"])
+        await wait_for_status(client, lambda s: s["state"] == "ready", timeout=120, after=stopped)
+        await complete(client, URI, 1, 11)
+        assert engine_status(engine_socket)["pid"] != pid
+        assert not [m for m in client.messages if "engine" in m.message]  # nothing to tell the user

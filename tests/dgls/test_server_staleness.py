@@ -1,7 +1,11 @@
-"""End to end, on a model whose fills run until their deadline: superseding, `$/cancelRequest` (completion and
-commands), the version check of a rewrite, and the engine killed mid-request and restarted.
+"""End to end on the shipped default model: superseding, `$/cancelRequest` (completion and commands), the
+version check of a rewrite, and the engine killed mid-request and restarted.
 
-These tests share one engine on their own socket; the kill test runs last, and the module stops the engine.
+A default-model fill takes a fraction of a second, too short to cancel reliably while it runs, so each test
+first fills the engine's single worker with slow fills sent straight to the engine (`BusyEngine`): the request
+under test then waits in the engine's queue, deterministically, while it is cancelled, superseded or its document
+changes. `requests_served` counts what the engine finished, so the tests can tell that a cancelled or superseded
+request never ran. The kill test runs last; the engine it restarts is the session's.
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,72 +20,62 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 
 from tests.dgls.conftest import (
+    BusyEngine,
     change_document,
     engine_status,
     inline_params,
     lsp_client,
     open_document,
-    server_options,
-    stop_engine,
     wait_engine,
     wait_for_status,
 )
 
 URI = "file:///work/demo/slow.py"
 TEXT = "def add(a, b):\n    \n"
-LINE, COLUMN = 1, 4  # an empty line in a block: block mode, which runs to the deadline on this model
-
-
-@pytest.fixture(scope="module")
-def slow_socket(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = Path(tmp_path_factory.mktemp("slow-engine")) / "engine.sock"
-    yield path
-    stop_engine(path)
-
-
-@pytest.fixture
-def options(slow_model_dir, slow_socket) -> dict[str, Any]:
-    return server_options(slow_model_dir, slow_socket, deadlines={"invokedMs": 30_000, "rewriteMs": 30_000})
-
-
-def running(status: dict[str, Any]) -> bool:
-    return bool(status.get("running"))
+LINE, COLUMN = 1, 4
 
 
 def idle(status: dict[str, Any]) -> bool:
     return not status.get("running") and not status.get("queued")
 
 
-async def test_a_newer_request_supersedes_the_older_one_in_the_engine(options, slow_socket) -> None:
+async def test_a_newer_request_supersedes_the_older_one_in_the_engine(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
-        served = engine_status(slow_socket)["requests_served"]
-        older = asyncio.ensure_future(client.text_document_inline_completion_async(
-            inline_params(URI, LINE, COLUMN, invoked=True)))
-        await wait_engine(slow_socket, running)
-        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-            settings={**options, "deadlines": {"invokedMs": 500}}))  # the newer one returns quickly
-        position = types.Position(LINE, COLUMN)
-        change_document(client, URI, 2, "r", types.Range(position, position))
-        newer = await client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN + 1, True))
-        assert not (await older).items  # the older one answered empty...
-        assert newer is not None
-        status = await wait_engine(slow_socket, idle)
-        assert status["requests_served"] == served + 1  # ...and never finished in the engine
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            older = asyncio.ensure_future(client.text_document_inline_completion_async(
+                inline_params(URI, LINE, COLUMN, invoked=True)))
+            await busy.wait_queued()
+            position = types.Position(LINE, COLUMN)
+            change_document(client, URI, 2, "r", types.Range(position, position))
+            newer = asyncio.ensure_future(client.text_document_inline_completion_async(
+                inline_params(URI, LINE, COLUMN + 1, invoked=True)))
+            assert not (await asyncio.wait_for(older, timeout=10)).items  # the older one answered empty at once
+            await busy.wait_queued()  # the newer one waits in its place
+        result = await asyncio.wait_for(newer, timeout=60)
+        assert result is not None
+        for item in result.items:
+            assert item.range.start == types.Position(LINE, COLUMN + 1)
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished + 1  # ...and it never ran in the engine
 
 
-async def test_cancel_request_reaches_the_engine(options, slow_socket) -> None:
+async def test_cancel_request_reaches_the_engine(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
-        served = engine_status(slow_socket)["requests_served"]
-        pending = asyncio.ensure_future(client.protocol.send_request_async(
-            types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, LINE, COLUMN, invoked=True), msg_id="cancel-1"))
-        await wait_engine(slow_socket, running)
-        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-1"))
-        with pytest.raises(JsonRpcRequestCancelled):
-            await asyncio.wait_for(pending, timeout=10)
-        status = await wait_engine(slow_socket, idle, timeout=10)  # long before the 30 s deadline
-        assert status["requests_served"] == served
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            pending = asyncio.ensure_future(client.protocol.send_request_async(
+                types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, LINE, COLUMN, invoked=True),
+                msg_id="cancel-1"))
+            await busy.wait_queued()
+            client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-1"))
+            with pytest.raises(JsonRpcRequestCancelled):
+                await asyncio.wait_for(pending, timeout=10)
+            await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished  # the cancelled fill never ran
 
 
 def rewrite_params(version: int | None = None) -> types.ExecuteCommandParams:
@@ -93,75 +86,86 @@ def rewrite_params(version: int | None = None) -> types.ExecuteCommandParams:
     return types.ExecuteCommandParams(command="dgls.rewriteSelection", arguments=[argument])
 
 
-async def test_cancelling_a_rewrite_command_reaches_the_engine(options, slow_socket) -> None:
+async def test_cancelling_a_rewrite_command_reaches_the_engine(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
-        served = engine_status(slow_socket)["requests_served"]
-        pending = asyncio.ensure_future(client.protocol.send_request_async(
-            types.WORKSPACE_EXECUTE_COMMAND, rewrite_params(1), msg_id="cancel-2"))
-        await wait_engine(slow_socket, running)
-        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-2"))
-        with pytest.raises(JsonRpcRequestCancelled):
-            await asyncio.wait_for(pending, timeout=10)
-        status = await wait_engine(slow_socket, idle, timeout=10)
-        assert status["requests_served"] == served
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            pending = asyncio.ensure_future(client.protocol.send_request_async(
+                types.WORKSPACE_EXECUTE_COMMAND, rewrite_params(1), msg_id="cancel-2"))
+            await busy.wait_queued()
+            client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-2"))
+            with pytest.raises(JsonRpcRequestCancelled):
+                await asyncio.wait_for(pending, timeout=10)
+            await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished
         assert client.recorder.edits == []
         # the work-done progress began and ended
         kinds = [type(value).__name__ for reports in client.progress_reports.values() for value in reports]
         assert "WorkDoneProgressBegin" in kinds and "WorkDoneProgressEnd" in kinds
 
 
-async def test_cancelling_the_work_done_progress_cancels_the_rewrite(options, slow_socket) -> None:
+async def test_cancelling_the_work_done_progress_cancels_the_rewrite(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
-        pending = asyncio.ensure_future(client.workspace_execute_command_async(rewrite_params(1)))
-        await wait_engine(slow_socket, running)
-        (token,) = [token for token, reports in client.progress_reports.items()
-                    if any(getattr(value, "title", "") == "dgls: rewriting the selection" for value in reports)]
-        client.window_work_done_progress_cancel(types.WorkDoneProgressCancelParams(token=token))
-        with pytest.raises(JsonRpcRequestCancelled):
-            await asyncio.wait_for(pending, timeout=10)
-        await wait_engine(slow_socket, idle, timeout=10)
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            pending = asyncio.ensure_future(client.workspace_execute_command_async(rewrite_params(1)))
+            await busy.wait_queued()
+            (token,) = [token for token, reports in client.progress_reports.items()
+                        if any(getattr(value, "title", "") == "dgls: rewriting the selection" for value in reports)]
+            client.window_work_done_progress_cancel(types.WorkDoneProgressCancelParams(token=token))
+            with pytest.raises(JsonRpcRequestCancelled):
+                await asyncio.wait_for(pending, timeout=10)
+            await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished
         assert client.recorder.edits == []
 
 
-async def test_an_edit_is_never_applied_to_changed_text(options, slow_socket) -> None:
-    quick = {**options, "deadlines": {"rewriteMs": 1500}}
-    async with lsp_client(quick) as client:
+async def test_an_edit_is_never_applied_to_changed_text(options, engine_socket) -> None:
+    async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
-        pending = asyncio.ensure_future(client.workspace_execute_command_async(rewrite_params(1)))
-        await wait_engine(slow_socket, running)
-        end = types.Position(1, 4)
-        change_document(client, URI, 2, "pass", types.Range(end, end))  # the user types meanwhile
-        result = await asyncio.wait_for(pending, timeout=30)
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            pending = asyncio.ensure_future(client.workspace_execute_command_async(rewrite_params(1)))
+            await busy.wait_queued()
+            end = types.Position(1, 4)
+            change_document(client, URI, 2, "pass", types.Range(end, end))  # the user types meanwhile
+            await client.workspace_execute_command_async(types.ExecuteCommandParams(command="dgls.status"))
+            assert busy.waiting()  # the server has the change (it answers in order) and the rewrite still waits
+        result = await asyncio.wait_for(pending, timeout=60)
         assert result["applied"] is False and "changed" in result["reason"]
         assert client.recorder.edits == []
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished + 1  # the engine did rewrite it
         # a selection made on an older version is refused at once
         stale = await client.workspace_execute_command_async(rewrite_params(1))
         assert stale["applied"] is False and "changed" in stale["reason"]
 
 
-async def test_engine_killed_mid_request_answers_empty_restarts_and_recovers(options, slow_socket) -> None:
+async def test_engine_killed_mid_request_answers_empty_restarts_and_recovers(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
-        pid = engine_status(slow_socket)["pid"]
-        pending = asyncio.ensure_future(client.text_document_inline_completion_async(
-            inline_params(URI, LINE, COLUMN, invoked=True)))
-        await wait_engine(slow_socket, running)
-        os.kill(pid, signal.SIGKILL)
-        result = await asyncio.wait_for(pending, timeout=10)
-        assert not result.items  # answered empty, at once
+        pid = engine_status(engine_socket)["pid"]
+        async with BusyEngine(engine_socket) as busy:
+            pending = asyncio.ensure_future(client.text_document_inline_completion_async(
+                inline_params(URI, LINE, COLUMN, invoked=True)))
+            await busy.wait_queued()
+            os.kill(pid, signal.SIGKILL)
+            result = await asyncio.wait_for(pending, timeout=10)
+            assert not result.items  # answered empty, at once
         restarting = await wait_for_status(client, lambda s: s["state"] == "restarting")
         await wait_for_status(client, lambda s: s["state"] == "ready", timeout=120, after=restarting)
-        assert engine_status(slow_socket)["pid"] != pid
+        assert engine_status(engine_socket)["pid"] != pid
         told = [m.message for m in client.messages if "engine stopped" in m.message]
         assert len(told) == 1
         begun = [value.title for reports in client.progress_reports.values() for value in reports
                  if isinstance(value, types.WorkDoneProgressBegin)]
         assert "dgls: restarting the engine" in begun  # work-done progress while the new engine loads
-        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-            settings={**options, "deadlines": {"invokedMs": 500}}))
+        calls = client.recorder.statuses[-1]["engineCalls"]
         again = await client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN, invoked=True))
         assert again is not None
-        status = await wait_for_status(client, lambda s: s["engineCalls"] >= 1)
+        status = await wait_for_status(client, lambda s: s["engineCalls"] == calls + 1)
         assert status["state"] == "ready"
