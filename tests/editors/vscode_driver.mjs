@@ -3,7 +3,8 @@
 // usage: node vscode_driver.mjs HARNESS_DIR URL SCENARIO OUT_DIR
 //   scenario "ghost": open sample.py, type at line LINE, wait for `.ghost-text-decoration`, screenshot, Tab, save.
 //   scenario "fill":  select lines (DGLS_RANGES), run "dgls: Fill Selection" from the command palette, wait, save.
-//   scenario "commands": "dgls: Rewrite Selection…" with an instruction, "dgls: Show Log", "dgls: Restart Engine".
+//   scenario "commands": "dgls: Rewrite Selection…" with an instruction (DGLS_INSTRUCTION) on the first range of
+//                        DGLS_RANGES, "dgls: Show Log", "dgls: Restart Engine".
 // Prints one JSON object per step on stdout; the last line is {"ok": true|false, ...}.
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -167,7 +168,8 @@ try {
     await save();
     result = { ok: true, attempts };
   } else if (scenario === 'commands') {
-    await selectLines(11, 12);
+    const [from, to] = env.DGLS_RANGES.split(',')[0].split('-').map(Number);
+    await selectLines(from, to);
     await commandPalette('dgls: Rewrite Selection');
     const input = await page.waitForSelector('.quick-input-widget input', { visible: true });
     await sleep(500);
