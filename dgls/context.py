@@ -124,7 +124,7 @@ def build_context(
         line_rest=line_rest, previous_line=previous_line, grammar=grammar, open_brackets=open_brackets,
         block_indent=_block_indent(line_prefix, previous_line, unit),
     )
-    tree_facts = _syntax_facts(text, offset, start, end, grammar)
+    tree_facts = _syntax_facts(text, offset, start, end, grammar, path)
     context.mode = decide_mode(line_prefix, line_rest, tree_facts.get("cursor_kind"), open_brackets)
     context.snippets = _snippets(tree_facts, path, extra_tokens * CHARS_PER_TOKEN)
     return context
@@ -167,7 +167,7 @@ def decide_mode(line_prefix: str, line_rest: str, cursor_kind: str | None, open_
     return "block"
 
 
-def _syntax_facts(text: str, offset: int, start: int, end: int, grammar: str | None) -> dict[str, Any]:
+def _syntax_facts(text: str, offset: int, start: int, end: int, grammar: str | None, path: str) -> dict[str, Any]:
     """Cursor kind, enclosing definition headers and imports that lie before the window (`start`)."""
     parser = syntax.parser_for(grammar)
     if parser is None:
@@ -178,7 +178,7 @@ def _syntax_facts(text: str, offset: int, start: int, end: int, grammar: str | N
     data = region.encode("utf-8", "replace")
     cursor = len(text[region_start:offset].encode("utf-8", "replace"))
     window = len(text[region_start:start].encode("utf-8", "replace"))
-    tree = syntax.parse(parser, data)
+    tree = syntax.parse(parser, data, document=path)
     if tree is None:
         return {}
     node = tree.root_node.descendant_for_byte_range(cursor, cursor)
