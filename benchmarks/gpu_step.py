@@ -9,11 +9,15 @@ the bf16 model never has to fit), then measures, at bf16 and each quantization:
   the number the planner's bandwidth floor (`engine/plan.py`) applies to (quantized experts run through the
   grouped GEMM after dequantizing a layer at a time, `--expert-dequant layer`; `expert` is the low-memory path);
 - `denoise_step_ms`: a whole denoising step (forward + sampling, entropy, acceptance) via `Denoiser.run`;
+- `fast_step_eager_ms` / `fast_step_graph_ms`: the same step through `engine/fast_step.py` (static buffers, one
+  host sync per step), run eagerly / replayed as a CUDA graph (null without CUDA or when capture failed:
+  `fast_step_graph` says whether it was captured, `fast_step_error` why not), `fast_step_agreement` the fraction
+  of canvas tokens equal to `Denoiser.run`'s with the same seed, `fast_step_peak_gb` the peak while it ran;
 - `peak_memory_gb`: `torch.cuda.max_memory_allocated` over all of the above, next to the planner's `peak_gb`.
 
 When the whole model does not fit (`--layers auto` picks the largest multiple of 6 layers that the planner says
 fits), it also measures 6 layers and extrapolates linearly to 30 (`*_30_layers`). Routing is random, so with
-256 canvas tokens every expert is used, as with real weights. No CUDA graph / compile yet (issue 7, part 3).
+256 canvas tokens every expert is used, as with real weights.
 
 Usage (one GPU):
     python -m benchmarks.gpu_step                                  # none, int8, fp8 (sm_89+), int4
@@ -40,6 +44,7 @@ from engine.plan import CARDS, load_preset, plan
 from engine.quantize import SCHEMES, build_quantized, check_scheme, parameters_on_meta, set_expert_dequantization
 
 FULL_LAYERS = 30
+SCALED = ("prefill_ms", "decoder_step_ms", "denoise_step_ms", "fast_step_eager_ms", "fast_step_graph_ms")
 LAYER_STEP = 6  # the 5 sliding : 1 full pattern repeats every 6 layers
 TINY_CONFIG: dict[str, Any] = {
     "model_type": "diffusion_gemma",
@@ -176,16 +181,57 @@ def measure(config: dict[str, Any], scheme: str, layers: int, args: argparse.Nam
                                 control=DenoiseControl())
 
         denoise_ms = timer.median_ms(denoise, min(args.warmup, 1), max(1, args.repeats // 2)) / steps
-    peak_gb = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else _host_peak_gb())
+        peak_gb = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else _host_peak_gb())
+        fast = measure_fast_step(denoiser, view, prompt, batch, steps, args, device, timer, denoise)
+    peak_gb = max(peak_gb, fast["fast_step_peak_gb"])
     log(f"{scheme}: {layers} layers: prefill {prefill_ms:.1f} ms, decoder step {step_ms:.2f} ms, "
         f"denoise step {denoise_ms:.2f} ms, peak {peak_gb:.2f} GB")
     return {
         "layers": layers, "prefill_ms": round(prefill_ms, 3), "decoder_step_ms": round(step_ms, 3),
-        "denoise_step_ms": round(denoise_ms, 3), "peak_memory_gb": round(peak_gb, 3),
+        "denoise_step_ms": round(denoise_ms, 3), **fast, "peak_memory_gb": round(peak_gb, 3),
         "weights_memory_gb": round(weights_gb, 3), "weight_bytes": report.weight_bytes_after,
         "logits_finite": logits_ok, "build_s": round(build_s, 1),
         "quantized_fraction": round(report.quantized_fraction, 4),
     }
+
+
+def measure_fast_step(denoiser: Any, view: Any, prompt: int, batch: int, steps: int, args: argparse.Namespace,
+                      device: torch.device, timer: Timer, reference: Callable[[], Any]) -> dict[str, Any]:
+    """Per-step time of `engine.fast_step.FastStep` eagerly and (on CUDA) as a CUDA graph; agreement with
+    `Denoiser.run` (`reference`) under the same seed; peak memory while it runs."""
+    from engine.denoiser import DenoiseControl
+    from engine.fast_step import FastStep
+
+    row: dict[str, Any] = {"fast_step_eager_ms": None, "fast_step_graph_ms": None, "fast_step_graph": False,
+                           "fast_step_agreement": None, "fast_step_error": None}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for graphs in (False, True) if device.type == "cuda" else (False,):
+        try:
+            runner = FastStep(denoiser, graphs=graphs)
+        except ValueError as exc:
+            row["fast_step_error"] = str(exc)
+            break
+
+        def run(runner: FastStep = runner) -> Any:
+            return runner.run(view, prompt_length=prompt, batch=batch,
+                              generator=torch.Generator(device=device).manual_seed(args.seed), control=DenoiseControl())
+
+        ours = run()  # allocates the buffers (and captures the graph)
+        if graphs and not runner.graphs:
+            row["fast_step_error"] = "CUDA graph capture failed (see the log); the step ran eagerly"
+            break
+        row["fast_step_graph"] = row["fast_step_graph"] or graphs
+        key = "fast_step_graph_ms" if graphs else "fast_step_eager_ms"
+        row[key] = round(timer.median_ms(run, 0, max(1, args.repeats // 2)) / steps, 3)
+        row["fast_step_agreement"] = round(float((ours.canvas == reference().canvas).float().mean()), 4)
+        del runner, run
+        release(device)
+    row["fast_step_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                                     else _host_peak_gb(), 3)
+    log(f"fast step: eager {row['fast_step_eager_ms']} ms, graph {row['fast_step_graph_ms']} ms a step, "
+        f"agreement {row['fast_step_agreement']}" + (f" ({row['fast_step_error']})" if row["fast_step_error"] else ""))
+    return row
 
 
 def release(device: torch.device) -> None:
@@ -279,18 +325,21 @@ def main(argv: list[str] | None = None) -> int:
         if layers < full_layers and layers > LAYER_STEP:
             small = measure(config, scheme, LAYER_STEP, args, device, dtype)
             release(device)
-            for key in ("prefill_ms", "decoder_step_ms", "denoise_step_ms"):
+            for key in (k for k in SCALED if row[k] is not None and small[k] is not None):
                 per_layer = (row[key] - small[key]) / (layers - LAYER_STEP)
                 row[f"{key}_{full_layers}_layers"] = round(row[key] + per_layer * (full_layers - layers), 3)
         elif layers < full_layers:
-            for key in ("prefill_ms", "decoder_step_ms", "denoise_step_ms"):  # no slope: scale the whole (upper bound)
+            for key in (k for k in SCALED if row[k] is not None):  # no slope: scale the whole (upper bound)
                 row[f"{key}_{full_layers}_layers"] = round(row[key] * full_layers / layers, 3)
         else:
-            for key in ("prefill_ms", "decoder_step_ms", "denoise_step_ms"):
+            for key in SCALED:
                 row[f"{key}_{full_layers}_layers"] = row[key]
         row.update(card_floor(config, scheme, args, device))
         if row["floor_ms"]:
             row["step_vs_floor"] = round(row[f"decoder_step_ms_{full_layers}_layers"] / row["floor_ms"], 2)
+            fast = [row.get(f"fast_step_{how}_ms_{full_layers}_layers") for how in ("graph", "eager")]
+            if any(fast):
+                row["fast_step_vs_floor"] = round(next(ms for ms in fast if ms) / row["floor_ms"], 2)
         results.append(row)
     summary = {
         "benchmark": "gpu_step",

@@ -38,6 +38,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-embeddings", action="store_true", help="quantize the (tied) embeddings too")
     parser.add_argument("--expert-dequant", default="layer", choices=["layer", "expert"],
                         help="dequantize all experts of a layer at once (faster) or one expert at a time (less memory)")
+    parser.add_argument("--fast-step", default="auto", choices=["auto", "on", "off"],
+                        help="static-buffer denoising step, a CUDA graph on a GPU (auto: on CUDA for uniform noise)")
 
 
 def _socket_option(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +56,8 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         extra += ["--idle-timeout", str(args.idle_timeout)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
+    if args.fast_step != "auto":
+        extra += ["--fast-step", args.fast_step]
     if args.quantize != "none":
         extra += ["--quantize", args.quantize, "--expert-dequant", args.expert_dequant]
         if args.quantize_embeddings:
@@ -142,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             socket_path=args.socket, model=args.model, device=args.device, dtype=args.dtype,
             template=args.template, idle_timeout=args.idle_timeout, cache_bytes=args.cache_mb * 2**20,
             quantize=args.quantize, quantize_embeddings=args.quantize_embeddings, expert_dequant=args.expert_dequant,
+            fast_step=args.fast_step,
         ))
     except (CheckpointError, TemplateError, EngineAlreadyRunning, ValueError) as exc:
         raise CliError(str(exc)) from None

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
+from engine.fast_step import FastStep, select_denoiser
 from engine.fill import FillRequest, FillRequestError, FillResult
 from engine.loading import LoadedModel
 from engine.prompt_cache import PromptCache, decode_view, new_recording_cache, sliced_cache
@@ -31,6 +32,7 @@ class Engine:
         template: PromptTemplate | str | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         settings: SamplerSettings | None = None,
+        fast_step: str = "auto",
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -51,6 +53,7 @@ class Engine:
             eos_ids=self.eos_ids,
             newline_ids=self._newline_token_ids(),
         )
+        self.stepper = select_denoiser(self.denoiser, fast_step)  # the loop fills run (engine/fast_step.py)
         self.cache = PromptCache(cache_bytes)
         self.drafts: dict[str, tuple[str, str, str]] = {}  # document -> (prefix, suffix, completion)
         self.max_positions = int(self.text_config.max_position_embeddings)
@@ -89,7 +92,7 @@ class Engine:
 
         seed, fixed, warm = self._seed_canvas(request)
         generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
-        output = self.denoiser.run(
+        output = self.stepper.run(
             decode_view(full_cache, self.text_config, batch=request.candidates),
             prompt_length=len(ids),
             batch=request.candidates,
@@ -229,6 +232,7 @@ class Engine:
             "noise": loaded.noise,
             "canvas_length": self.denoiser.canvas_length,
             "max_denoising_steps": self.settings.max_steps,
+            "fast_step": self.stepper.kind if isinstance(self.stepper, FastStep) else "off",
             "cache_bytes": self.cache.nbytes,
             "cache_entries": len(self.cache.entries),
         }

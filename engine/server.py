@@ -53,6 +53,7 @@ class ServeOptions:
     quantize: str = "none"
     quantize_embeddings: bool = False
     expert_dequant: str = "layer"
+    fast_step: str = "auto"
 
     def __post_init__(self) -> None:
         if self.idle_timeout is not None and self.idle_timeout <= 0:
@@ -128,7 +129,7 @@ class EngineServer:
                 options.quantize_embeddings, options.expert_dequant,
             )
             self.engine = await asyncio.to_thread(
-                Engine, loaded, self.options.template, self.options.cache_bytes
+                Engine, loaded, self.options.template, self.options.cache_bytes, fast_step=self.options.fast_step
             )
             log.info("warm-up fill: %.0f ms", await asyncio.to_thread(self.engine.warm_up))
         except Exception as exc:  # CheckpointError or anything else: reported through status and every fill

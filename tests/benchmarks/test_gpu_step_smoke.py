@@ -27,6 +27,9 @@ def test_tiny_run_prints_one_json_object_last(capsys, tmp_path) -> None:
         assert row["layers"] == 2 and row["logits_finite"] is True
         assert 0 < row["peak_memory_gb"] < 64 and row["planned_peak_gb"] > 0
         assert row["floor_ms"] is None  # no bandwidth for a CPU unless --bandwidth-gbs
+        assert row["fast_step_eager_ms"] > 0 and row["fast_step_graph_ms"] is None  # no CUDA graph on a CPU
+        assert row["fast_step_graph"] is False and row["fast_step_error"] is None
+        assert 0.9 <= row["fast_step_agreement"] <= 1.0 and row["fast_step_peak_gb"] > 0
     none, int4 = summary["results"]
     assert none["quantized_fraction"] == 0 and int4["quantized_fraction"] > 0.3
     assert int4["weight_bytes"] < none["weight_bytes"]
