@@ -161,20 +161,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[float, float]:
-    """Cancel a long fill from another thread mid-run; the median time until `fill` returns, in ms and in steps
-    (against the median step of three uncancelled fills of the same request)."""
-    step_ms = []
+    """Cancel a long fill from another thread half-way through its second denoising step; the median time until
+    `fill` returns, in ms and in steps (against the median step of three uncancelled fills of the same request).
+    Cancellation is checked between steps; the prompt encode before them is not interruptible."""
+    step_ms, before_ms = [], []
     for _ in range(3):
         result = engine.fill(to_request(cut, "cancel", early_commit=False, use_cache=False))
         step_ms.append(result.timings["denoise_ms"] / max(result.steps, 1))
+        before_ms.append(result.timings["total_ms"] - result.timings["denoise_ms"])  # tokenize + encode
     step = statistics.median(step_ms)
+    cancel_after_s = (statistics.median(before_ms) + 1.5 * step) / 1000  # mid-way through the second step
     waits = []
     for _ in range(repeats):
         flag = threading.Event()
         cancelled_at: list[float] = []
 
         def cancel_later(flag: threading.Event = flag, cancelled_at: list[float] = cancelled_at) -> None:
-            time.sleep(step * 1.5 / 1000)
+            time.sleep(cancel_after_s)
             cancelled_at.append(time.perf_counter())
             flag.set()
 

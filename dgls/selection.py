@@ -104,8 +104,10 @@ async def run(session: Session, arguments: tuple[Any, ...], rewrite: bool) -> di
         return {"applied": False, "reason": "the engine gave no result (see the dgls log)"}
     suggestions = postprocess([result.text], context)
     new_text = suggestions[0].text if suggestions else ""
-    if not new_text and not rewrite:
-        return {"applied": False, "reason": "the model proposed nothing to insert"}
+    if not new_text:  # an empty rewrite would delete the selection: never apply it
+        reason = "the model proposed an empty rewrite; the selection is unchanged" if rewrite else \
+            "the model proposed nothing to insert"
+        return {"applied": False, "reason": reason}
     current = DocumentSnapshot.of(session.server.workspace, uri)
     if current is None or current.version != snapshot.version:
         session.show("[dgls] the document changed while dgls worked on the selection; nothing was applied",
