@@ -59,6 +59,15 @@ class DenoiseControl:
     cancelled: Callable[[], bool] | None = None
     commit: CommitMode = None
 
+    def halt(self, steps: int, step_seconds: float) -> str | None:
+        """Why the loop stops before its next step: `cancelled`, or `deadline` when a step as long as the last
+        one would overrun it (the first step always runs, so there is a draft); None to go on."""
+        if self.cancelled is not None and self.cancelled():
+            return "cancelled"
+        if steps and self.deadline is not None and time.monotonic() + step_seconds > self.deadline:
+            return "deadline"
+        return None
+
 
 @dataclass(slots=True)
 class DenoiseOutput:
@@ -148,11 +157,8 @@ class Denoiser:
         steps, stop_reason, step_seconds = 0, "max_steps", 0.0
         absorbing = self.noise == "mask" and self.mask_token_id is not None
         for cur_step in range(s.max_steps, 0, -1):
-            if control.cancelled is not None and control.cancelled():
-                stop_reason = "cancelled"
-                break
-            if steps and control.deadline is not None and time.monotonic() + step_seconds > control.deadline:
-                stop_reason = "deadline"
+            if (halt := control.halt(steps, step_seconds)) is not None:
+                stop_reason = halt
                 break
             started = time.monotonic()
             forwards += (~finished).long()

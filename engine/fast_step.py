@@ -134,11 +134,8 @@ class FastStep:
         self._reset(e, cache_view, prompt_length, generator, control, seed_canvas, fixed)
         steps, stop_reason, step_seconds = 0, "max_steps", 0.0
         for cur_step in range(s.max_steps, 0, -1):
-            if control.cancelled is not None and control.cancelled():
-                stop_reason = "cancelled"
-                break
-            if steps and control.deadline is not None and time.monotonic() + step_seconds > control.deadline:
-                stop_reason = "deadline"
+            if (halt := control.halt(steps, step_seconds)) is not None:
+                stop_reason = halt
                 break
             started = time.monotonic()
             early, converged = self._advance(e, generator, cur_step)
