@@ -186,7 +186,7 @@ class Denoiser:
             else:  # absorbing noise: only the positions accepted this step need a token
                 sampled = canvas.clone()
                 newly = accepted & undecided
-                sampled[newly] = self._sample(new_processed[newly], generator)
+                sampled[newly] = self._sample_by_cdf(new_processed[newly], generator)
                 accepted = accepted | ~undecided
             if fixed is not None and seed_canvas is not None:
                 accepted = accepted | fixed
@@ -244,6 +244,19 @@ class Denoiser:
             return torch.zeros(0, dtype=torch.long, device=processed.device)
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         return torch.multinomial(probs, num_samples=1, generator=generator).view(-1)
+
+    @staticmethod
+    def _sample_by_cdf(processed: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per row of `processed` [N, V] from its softmax, by inverting the cumulative distribution:
+        one uniform draw per row where `multinomial` draws V exponentials (~3 ms a step for a 32x4096 canvas
+        on a CPU). Used where no reference sampler's random stream has to be reproduced."""
+        if processed.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=processed.device)
+        cdf = torch.softmax(processed, dim=-1, dtype=torch.float32).cumsum(dim=-1)  # [N, V]
+        draws = torch.rand((processed.shape[0], 1), generator=generator, device=processed.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, draws, right=True)  # first token whose cumulative mass exceeds the draw
+        past_end = tokens >= processed.shape[-1]  # a draw rounded up to the total (about 2**-24 of them)
+        return torch.where(past_end, processed.argmax(dim=-1, keepdim=True), tokens).view(-1)
 
     def _commit(
         self, argmax: torch.Tensor, settled: torch.Tensor, mode: str, finished: torch.Tensor, committed: list[int]

@@ -212,3 +212,19 @@ def test_absorbing_noise_is_done_when_nothing_before_eos_is_masked(mask_engine: 
     assert decided(torch.tensor([[40, 41, 1, 3, 3]])).item() is True  # masks only after EOS
     assert decided(torch.tensor([[40, 3, 1, 3, 3]])).item() is False
     assert decided(torch.tensor([[40, 41, 42, 43, 44]])).item() is True
+
+
+def test_cdf_sampling_draws_from_the_softmax_and_never_a_zero_probability_token() -> None:
+    """The absorbing-noise sampler inverts the cumulative distribution (one draw per row): its token frequencies
+    match the softmax, tokens at -inf (the mask token) never come out, and a seed fixes the draws."""
+    from engine.denoiser import Denoiser
+
+    logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]))  # tokens 1 and 5 are impossible
+    rows = logits.expand(40_000, -1)
+    tokens = Denoiser._sample_by_cdf(rows, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert frequencies[1] == 0 and frequencies[5] == 0
+    assert torch.allclose(frequencies, torch.softmax(logits, dim=-1), atol=0.01)
+    again = Denoiser._sample_by_cdf(rows[:100], torch.Generator().manual_seed(0))
+    assert torch.equal(again, tokens[:100])
+    assert Denoiser._sample_by_cdf(rows[:0], None).shape == (0,)
