@@ -131,14 +131,17 @@ class EngineServer:
             self.engine = await asyncio.to_thread(
                 Engine, loaded, self.options.template, self.options.cache_bytes, fast_step=self.options.fast_step
             )
-            log.info("warm-up fill: %.0f ms", await asyncio.to_thread(self.engine.warm_up))
+            self.scheduler = Scheduler(self.engine.fill)
+            warm_up = self.scheduler.start(warm_up=self.engine.warm_up)  # on the thread that will run the fills
+            log.info("warm-up fill: %.0f ms", await asyncio.wrap_future(warm_up))
         except Exception as exc:  # CheckpointError or anything else: reported through status and every fill
             self.load_error = str(exc)
             log.error("model failed to load: %s", exc)
+            if self.scheduler is not None:
+                self.scheduler.stop()
+                self.scheduler = None
             self.ready.set()
             return
-        self.scheduler = Scheduler(self.engine.fill)
-        self.scheduler.start()
         self.last_activity = time.monotonic()  # the idle timeout counts from ready, not from the start of loading
         self.ready.set()
         log.info("model ready: %s", self.engine.describe())
@@ -159,7 +162,7 @@ class EngineServer:
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
-            "ready": self.engine is not None and self.scheduler is not None,
+            "ready": self.ready.is_set() and self.scheduler is not None,
             "loading": not self.ready.is_set(),
             "loading_progress": round(self.load_progress, 3),
             "error": self.load_error,

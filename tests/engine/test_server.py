@@ -242,3 +242,38 @@ async def test_idle_timeout_exits_and_removes_the_socket(tiny_model_dir, tmp_pat
 def test_bad_idle_timeout_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="--idle-timeout"):
         ServeOptions(socket_path=tmp_path / "s.sock", idle_timeout=0)
+
+
+async def test_warm_up_and_fills_run_on_the_same_worker_thread(tiny_model_dir) -> None:
+    """torch's CPU thread team belongs to the thread that first runs parallel work: fills on another thread
+    than the warm-up ran ~1.7x slower, so the scheduler's worker runs both. A failing warm-up is reported
+    through its future and the worker still serves."""
+    from engine.engine import Engine
+    from engine.loading import load_checkpoint
+    from engine.scheduler import Scheduler
+
+    engine = Engine(load_checkpoint(tiny_model_dir, device="cpu"))
+    threads: list[int] = []
+
+    def fill(request, cancelled):
+        threads.append(threading.get_ident())
+        return engine.fill(request, cancelled)
+
+    def warm_up() -> float:
+        threads.append(threading.get_ident())
+        return engine.warm_up()
+
+    scheduler = Scheduler(fill)
+    assert await asyncio.wrap_future(scheduler.start(warm_up=warm_up)) > 0
+    await scheduler.submit(FillRequest(prefix=PREFIX, deadline_ms=30_000)).future
+    scheduler.stop()
+    assert len(threads) == 2 and threads[0] == threads[1] != threading.get_ident()
+
+    def broken() -> float:
+        raise RuntimeError("warm-up failed")
+
+    scheduler = Scheduler(fill)
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        await asyncio.wrap_future(scheduler.start(warm_up=broken))
+    assert (await scheduler.submit(FillRequest(prefix=PREFIX, deadline_ms=30_000)).future).steps >= 1
+    scheduler.stop()
