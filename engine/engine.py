@@ -8,6 +8,7 @@ extend an encoded prefix, denoise, turn tokens into text. Scheduling, sockets an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from engine.loading import LoadedModel
 from engine.prompt_cache import PromptCache, decode_view, new_recording_cache, sliced_cache
 from engine.templates import PromptBuilder, PromptTemplate, load_template
 
+log = logging.getLogger("dgls.engine")
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 MAX_DRAFTS = 256  # documents whose last completion is remembered for warm starts
 
@@ -53,16 +55,38 @@ class Engine:
             eos_ids=self.eos_ids,
             newline_ids=self._newline_token_ids(),
         )
-        self.stepper = select_denoiser(self.denoiser, fast_step)  # the loop fills run (engine/fast_step.py)
+        self.fast_step_mode = fast_step
+        self.stepper: Denoiser | FastStep = select_denoiser(self.denoiser, fast_step)  # engine/fast_step.py
         self.cache = PromptCache(cache_bytes)
         self.drafts: dict[str, tuple[str, str, str]] = {}  # document -> (prefix, suffix, completion)
         self.max_positions = int(self.text_config.max_position_embeddings)
 
     def warm_up(self) -> float:
         """Run one throwaway fill so the first real request does not pay torch's first-call costs (seconds on
-        a CPU); leaves no cache entry or draft behind. Returns its duration in ms."""
+        a CPU, a graph capture on a GPU); leaves no cache entry or draft behind. Returns its duration in ms.
+
+        With the fast step chosen automatically, the warm-up also checks it: if it fails (e.g. the model cannot
+        be captured in a CUDA graph), fills fall back to the reference loop; if its tokens differ from the
+        reference loop's, that is logged (padding the prompt KV changes the attention's summation order, so
+        near-ties may flip)."""
         started = time.monotonic()
-        self.fill(FillRequest(prefix="def main():\n    return ", suffix="\n", deadline_ms=60_000, use_cache=False))
+        request = FillRequest(prefix="def main():\n    return ", suffix="\n", deadline_ms=60_000, use_cache=False)
+        if not isinstance(self.stepper, FastStep) or self.fast_step_mode != "auto":
+            self.fill(request)
+            return _ms(started, time.monotonic())
+        try:
+            fast = self.fill(request)
+        except Exception as exc:  # never let the optional fast path take the engine down
+            log.warning("fast step failed in the warm-up (%s: %s); using the reference loop", type(exc).__name__, exc)
+            self.stepper = self.denoiser
+            self.fill(request)
+            return _ms(started, time.monotonic())
+        fast_stepper, self.stepper = self.stepper, self.denoiser
+        reference = self.fill(request)
+        self.stepper = fast_stepper
+        if fast.text != reference.text:
+            log.warning("fast step and reference loop disagree on the warm-up fill (%r vs %r); "
+                        "'--fast-step off' uses the reference loop", fast.text[:40], reference.text[:40])
         return _ms(started, time.monotonic())
 
     def _newline_token_ids(self) -> list[int]:

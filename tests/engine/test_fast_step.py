@@ -246,3 +246,34 @@ def test_the_cli_switch_reaches_the_engine_process() -> None:
     args = build_parser().parse_args(["engine", "start", "--fast-step", "off"])
     assert args.fast_step == "off" and _serve_args(args)[-2:] == ["--fast-step", "off"]
     assert "--fast-step" not in _serve_args(build_parser().parse_args(["engine", "start"]))  # auto: the default
+
+
+def test_an_automatic_fast_step_that_fails_its_warm_up_falls_back_to_the_reference_loop(tiny_model_dir,
+                                                                                         caplog) -> None:
+    """`auto` picks the fast step on CUDA only; here it is forced onto the CPU engine to check the warm-up's
+    guard: a fast step that raises is replaced by the reference loop, one that disagrees is logged."""
+    engine = Engine(load_checkpoint(tiny_model_dir, device="cpu"), fast_step="on")
+    engine.fast_step_mode = "auto"
+    fast = engine.stepper
+    assert isinstance(fast, FastStep)
+    original = fast.run
+
+    def disagree(*args: Any, **kwargs: Any) -> DenoiseOutput:
+        output = original(*args, **kwargs)
+        output.canvas = torch.full_like(output.canvas, 5)  # a token that decodes to text, never EOS
+        output.committed = [0] * output.canvas.shape[0]
+        return output
+
+    fast.run = disagree  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="dgls.engine"):
+        engine.warm_up()
+    assert engine.stepper is fast and "disagree" in caplog.text
+
+    def broken(*args: Any, **kwargs: Any) -> DenoiseOutput:
+        raise RuntimeError("CUDA graph capture failed")
+
+    fast.run = broken  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="dgls.engine"):
+        engine.warm_up()
+    assert engine.stepper is engine.denoiser and "capture failed" in caplog.text
+    assert engine.fill(FillRequest(prefix=PREFIX, deadline_ms=60_000)).steps >= 1
