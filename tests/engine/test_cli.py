@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,40 +102,72 @@ def test_stop_stops_the_engine(socket_path, tiny_model_dir, source_file) -> None
 
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "engine" / "default_model"
-# Places to ask the shipped model for a completion; the test uses the first where it suggests something.
-DEMO_POSITIONS = [
-    ("import json\n\n\ndef load(path):\n    with open(path) as f:\n        data = \n    return data\n", 6, 16),
-    ("def main():\n    print(\n", 2, 11),
-    ("def add(a, b):\n    return \n", 2, 12),
-    ("class Point:\n    def __init__(self\n", 2, 22),
+DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "demo.py"  # the Quickstart's file
+# Short snippets for the typed-through check: the shipped model is weak and mostly answers nothing in a real
+# file, so the test takes the first snippet and seed where it suggests something (nothing is hard-coded).
+SNIPPETS = [
+    "import os\nimport sys\n\n\ndef main():\n    print(",
+    "def add(a, b):\n    return ",
+    "def main():\n    print(",
+    "import numpy as ",
+    "with open(path) as f:\n    data = ",
 ]
 
 
+def complete(path: Path, line: int, column: int, socket: Path, *extra: str) -> dict:
+    run = dgls("complete", f"{path}:{line}:{column}", "--socket", str(socket), "--json", "--device", "cpu", *extra)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def default_engine(tmp_path) -> Any:
+    """An engine on the shipped model (no --model), started by the first `dgls complete`, stopped after."""
+    socket = tmp_path / "engine.sock"
+    yield socket
+    status = json.loads(dgls("engine", "status", "--json", "--socket", str(socket)).stdout or "{}")
+    dgls("engine", "stop", "--socket", str(socket))
+    assert Path(status["model"]).resolve() == DEFAULT_MODEL.resolve()
+
+
 @pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="no shipped default model")
-def test_complete_on_the_default_model_then_type_one_character(tmp_path) -> None:
-    """The shipped model through the CLI with no --model: a completion is printed; after one more typed
-    character the engine reuses the encoded prompt and, the character being how the suggestion began, starts
-    from the rest of the suggestion (one denoising step instead of a full denoise)."""
-    common = ["--socket", str(tmp_path / "engine.sock"), "--json", "--device", "cpu"]
+def test_quickstart_then_one_more_typed_character_reuses_the_prompt(tmp_path, default_engine) -> None:
+    """The Quickstart's request on the shipped model, then the next character of the real code typed: the engine
+    encodes only what changed (the issue asks for >= 90% of the prompt from the cache)."""
     source = tmp_path / "demo.py"
-    try:
-        for text, line, column in DEMO_POSITIONS:
-            source.write_text(text)
-            run = dgls("complete", f"{source}:{line}:{column}", *common)
-            assert run.returncode == 0, run.stderr
-            first = json.loads(run.stdout.strip().splitlines()[-1])
+    text = DEMO.read_text(encoding="utf-8")
+    source.write_text(text)
+    first = complete(source, 15, 11, default_engine)
+    lines = text.split("\n")
+    assert lines[14] == "    return"
+    lines[14] += " "  # as in `return n * factorial(n - 1)`
+    source.write_text("\n".join(lines))
+    second = complete(source, 15, 12, default_engine)
+    assert first["cached_prompt_tokens"] == 0 and first["prompt_tokens"] > 50
+    assert second["cached_prompt_tokens"] >= 0.9 * second["prompt_tokens"]
+    assert second["prompt_tokens"] - second["cached_prompt_tokens"] <= 3  # what the warm request encodes
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="no shipped default model")
+def test_typing_the_suggestions_first_character_is_a_one_step_warm_start(tmp_path, default_engine) -> None:
+    """After typing how the shipped model's suggestion began, the engine starts from the rest of that suggestion:
+    one denoising step instead of a full denoise, and the same suggestion continued."""
+    source = tmp_path / "snippet.py"
+    tried = []
+    for seed in ("0", "1", "2"):
+        for snippet in SNIPPETS:
+            source.write_text(snippet + "\n")
+            line, column = snippet.count("\n") + 1, len(snippet.split("\n")[-1]) + 1
+            first = complete(source, line, column, default_engine, "--seed", seed)
+            tried.append((snippet[-16:], seed, first["text"]))
             if first["text"]:
                 break
-        else:
-            pytest.fail("the shipped model suggested nothing at any demo position")
-        lines = text.split("\n")
-        lines[line - 1] = lines[line - 1][: column - 1] + first["text"][0] + lines[line - 1][column - 1 :]
-        source.write_text("\n".join(lines))
-        second = json.loads(dgls("complete", f"{source}:{line}:{column + 1}", *common).stdout.strip().splitlines()[-1])
-        status = json.loads(dgls("engine", "status", "--json", "--socket", str(tmp_path / "engine.sock")).stdout)
-    finally:
-        dgls("engine", "stop", "--socket", str(tmp_path / "engine.sock"))
-    assert Path(status["model"]).resolve() == DEFAULT_MODEL.resolve()
-    assert second["cached_prompt_tokens"] >= 0.9 * second["prompt_tokens"]
+        if first["text"]:
+            break
+    else:
+        pytest.fail(f"the shipped model suggested nothing: {tried}")
+    source.write_text(snippet + first["text"][0] + "\n")
+    second = complete(source, line, column + 1, default_engine, "--seed", seed)
     assert second["warm_start"] is True and second["steps"] == 1
+    assert second["cached_prompt_tokens"] >= second["prompt_tokens"] - 3
     assert first["text"][0] + second["text"] == first["text"]  # the rest of the same suggestion
