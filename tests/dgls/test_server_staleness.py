@@ -61,21 +61,27 @@ async def test_a_newer_request_supersedes_the_older_one_in_the_engine(options, e
         assert status["requests_served"] == served + busy.finished + 1  # ...and it never ran in the engine
 
 
+async def cancel_while_queued(client: Any, engine_socket: Any, method: str, params: Any, msg_id: str) -> int:
+    """Send a request that waits in the engine behind blocker fills and `$/cancelRequest` it: it must end as
+    cancelled and leave the engine. Returns how many blocker fills the engine served."""
+    async with BusyEngine(engine_socket) as busy:
+        pending = asyncio.ensure_future(client.protocol.send_request_async(method, params, msg_id=msg_id))
+        await busy.wait_queued()
+        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
+        with pytest.raises(JsonRpcRequestCancelled):
+            await asyncio.wait_for(pending, timeout=10)
+        await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+    return busy.finished
+
+
 async def test_cancel_request_reaches_the_engine(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
-        async with BusyEngine(engine_socket) as busy:
-            pending = asyncio.ensure_future(client.protocol.send_request_async(
-                types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, LINE, COLUMN, invoked=True),
-                msg_id="cancel-1"))
-            await busy.wait_queued()
-            client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-1"))
-            with pytest.raises(JsonRpcRequestCancelled):
-                await asyncio.wait_for(pending, timeout=10)
-            await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+        blockers = await cancel_while_queued(client, engine_socket, types.TEXT_DOCUMENT_INLINE_COMPLETION,
+                                             inline_params(URI, LINE, COLUMN, invoked=True), "cancel-1")
         status = await wait_engine(engine_socket, idle)
-        assert status["requests_served"] == served + busy.finished  # the cancelled fill never ran
+        assert status["requests_served"] == served + blockers  # the cancelled fill never ran
 
 
 def rewrite_params(version: int | None = None) -> types.ExecuteCommandParams:
@@ -90,16 +96,10 @@ async def test_cancelling_a_rewrite_command_reaches_the_engine(options, engine_s
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
-        async with BusyEngine(engine_socket) as busy:
-            pending = asyncio.ensure_future(client.protocol.send_request_async(
-                types.WORKSPACE_EXECUTE_COMMAND, rewrite_params(1), msg_id="cancel-2"))
-            await busy.wait_queued()
-            client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-2"))
-            with pytest.raises(JsonRpcRequestCancelled):
-                await asyncio.wait_for(pending, timeout=10)
-            await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+        blockers = await cancel_while_queued(client, engine_socket, types.WORKSPACE_EXECUTE_COMMAND,
+                                             rewrite_params(1), "cancel-2")
         status = await wait_engine(engine_socket, idle)
-        assert status["requests_served"] == served + busy.finished
+        assert status["requests_served"] == served + blockers
         assert client.recorder.edits == []
         # the work-done progress began and ended
         kinds = [type(value).__name__ for reports in client.progress_reports.values() for value in reports]
