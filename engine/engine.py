@@ -71,23 +71,28 @@ class Engine:
         near-ties may flip)."""
         started = time.monotonic()
         request = FillRequest(prefix="def main():\n    return ", suffix="\n", deadline_ms=60_000, use_cache=False)
-        if not isinstance(self.stepper, FastStep) or self.fast_step_mode != "auto":
+        if isinstance(self.stepper, FastStep) and self.fast_step_mode == "auto":
+            self._check_fast_step(self.stepper, request)
+        else:
             self.fill(request)
-            return _ms(started, time.monotonic())
+        return _ms(started, time.monotonic())
+
+    def _check_fast_step(self, fast_step: FastStep, request: FillRequest) -> None:
+        """Fill `request` with the fast step and with the reference loop; keep the reference loop if the fast
+        step raises, say so if they disagree."""
         try:
             fast = self.fill(request)
         except Exception as exc:  # never let the optional fast path take the engine down
             log.warning("fast step failed in the warm-up (%s: %s); using the reference loop", type(exc).__name__, exc)
             self.stepper = self.denoiser
             self.fill(request)
-            return _ms(started, time.monotonic())
-        fast_stepper, self.stepper = self.stepper, self.denoiser
+            return
+        self.stepper = self.denoiser
         reference = self.fill(request)
-        self.stepper = fast_stepper
+        self.stepper = fast_step
         if fast.text != reference.text:
             log.warning("fast step and reference loop disagree on the warm-up fill (%r vs %r); "
                         "'--fast-step off' uses the reference loop", fast.text[:40], reference.text[:40])
-        return _ms(started, time.monotonic())
 
     def _newline_token_ids(self) -> list[int]:
         """Every vocabulary entry whose text contains a line break (the line-mode commit points)."""

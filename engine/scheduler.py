@@ -69,11 +69,12 @@ class Scheduler:
         self.last_latency_ms: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=256)  # engine-side total_ms of the latest fills
         self.thread = threading.Thread(target=self._work, name="dgls-engine-worker", daemon=True)
+        self.warm_up: Callable[[], Any] | None = None
+        self.warmed: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def start(self, warm_up: Callable[[], Any] | None = None) -> concurrent.futures.Future[Any]:
         """Start the worker; it runs `warm_up` first. The future holds warm_up's result (or its exception)."""
         self.warm_up = warm_up
-        self.warmed: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.thread.start()
         return self.warmed
 
