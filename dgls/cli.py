@@ -261,6 +261,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict()))
     else:
         print(result.text)
+        if not result.text.strip():
+            print(f"[dgls] the model proposed nothing at {args.position} ({result.steps} denoising steps, "
+                  f"{result.timings.get('total_ms', 0):.0f} ms)", file=sys.stderr)
     return 0
 
 
