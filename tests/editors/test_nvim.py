@@ -2,10 +2,11 @@
 through its RPC socket (`nvim --server --remote-send/--remote-expr`) against the real `dgls lsp` and engine.
 
 Ghost text must appear from the model while typing in a Python buffer, <Tab> must insert it, and :DglsRewrite
-must change the selection. Both inline backends run: `native` (vim.lsp.inline_completion) and `extmarks` (the one
-Neovim 0.10/0.11 get). A remote TUI in tmux gives the screenshot (editors/screenshots/nvim-ghost-text.png when
-DGLS_EDITOR_SCREENSHOTS=1). Skips, naming the reason, when deb.debian.org cannot be reached (a failed install
-with the network up fails), or with DGLS_SKIP_EDITOR_TESTS=nvim.
+and :DglsFill must replace the selection with the server's non-empty text. Where to type and which lines to select
+come from the scenario `editor_engine` chose for the model (tests/editors/conftest.py). Both inline backends run:
+`native` (vim.lsp.inline_completion) and `extmarks` (the one Neovim 0.10/0.11 get). A remote TUI in tmux gives the
+screenshot (editors/screenshots/nvim-ghost-text.png when DGLS_EDITOR_SCREENSHOTS=1). Skips, naming the reason, when
+deb.debian.org cannot be reached (a failed install with the network up fails), or with DGLS_SKIP_EDITOR_TESTS=nvim.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from tests.editors.conftest import (
     ROOT,
     SAMPLE,
     SCREENSHOTS,
-    SELECTIONS,
-    TYPE_AT_LINE,
-    TYPED,
     EditorEngine,
     dgls_cli,
     install,
+    replacement,
     skip_unless_enabled,
+    split_at,
 )
 from tests.editors.screen_png import render
 
@@ -71,6 +71,7 @@ class Nvim:
 
     def __init__(self, binary: Path, workdir: Path, engine: EditorEngine, backend: str) -> None:
         self.binary, self.workdir = binary, workdir
+        self.scenario = engine.scenario
         self.address = str(workdir / "nvim.sock")
         self.file = workdir / "sample.py"
         self.file.write_text(SAMPLE)
@@ -93,6 +94,7 @@ require('dgls').setup({{
   server = {{
     engine = {{ model = {lua_string(str(engine.model))}, socket = {lua_string(str(engine.socket))} }},
     deadlines = {{ automaticMs = 60000, invokedMs = 60000, rewriteMs = 120000 }},
+    completion = {{ seed = {engine.seed} }},
   }},
   inline = {{ backend = {lua_string(backend)} }},
 }})
@@ -190,9 +192,9 @@ def wait_ready(nvim: Nvim) -> None:
 
 
 def type_and_wait_for_ghost(nvim: Nvim, backend: str) -> str:
-    nvim.send(f"<Esc>{TYPE_AT_LINE}GA")
+    nvim.send(f"<Esc>{nvim.scenario.type_line}GA")
     # Type one character at a time, as a person does (each change is a new automatic request).
-    for char in TYPED:
+    for char in nvim.scenario.typed:
         nvim.send(char)
         time.sleep(0.05)
 
@@ -201,7 +203,8 @@ def type_and_wait_for_ghost(nvim: Nvim, backend: str) -> str:
     def visible() -> str:
         text = ghost_text(nvim, backend)
         if not text.strip() and time.monotonic() - asked[0] > 15:
-            # No suggestion for this prefix yet: ask explicitly (invoked trigger, several candidates).
+            # No suggestion for this prefix yet: ask explicitly (invoked trigger, several candidates). Where the
+            # model answers only such a request, the scenario says so (`explicit`).
             nvim.send("<M-]>")
             asked[0] = time.monotonic()
         return text if text.strip() else ""
@@ -241,7 +244,8 @@ def test_ghost_text_appears_and_is_accepted(nvim_factory: Callable[..., Nvim], s
             (nvim.workdir / "screen.ansi").write_text(screen)
             if os.environ.get("DGLS_EDITOR_SCREENSHOTS") == "1":
                 render(screen, SCREENSHOTS / "nvim-ghost-text.png", COLUMNS, ROWS)
-    line_before = nvim.lua(f"vim.api.nvim_buf_get_lines(0, {TYPE_AT_LINE - 1}, {TYPE_AT_LINE}, false)[1]")
+    row = nvim.scenario.type_line
+    line_before = nvim.lua(f"vim.api.nvim_buf_get_lines(0, {row - 1}, {row}, false)[1]")
     nvim.send(key)
     if key == "<Tab>":
         expected = ghost.split("\n")[0]
@@ -249,13 +253,13 @@ def test_ghost_text_appears_and_is_accepted(nvim_factory: Callable[..., Nvim], s
         expected = nvim.lua(f"require('dgls.completion').take_word({lua_string(ghost)})").split("\n")[0]
 
     def accepted() -> bool:
-        line = nvim.lua(f"vim.api.nvim_buf_get_lines(0, {TYPE_AT_LINE - 1}, {TYPE_AT_LINE}, false)[1]")
+        line = nvim.lua(f"vim.api.nvim_buf_get_lines(0, {row - 1}, {row}, false)[1]")
         return line == line_before + expected if expected else line != line_before
 
     wait_for(accepted, 10, f"{key} to insert the ghost text")
     text = nvim.lua("table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\\n')")
     if key == "<Tab>":
-        assert TYPED + ghost in text.replace("\r", "")
+        assert nvim.scenario.typed + ghost in text.replace("\r", "")
     assert nvim.lua("vim.api.nvim_get_mode().mode") == "i"
     stats = server_stats(nvim)
     counter = "accepted" if key == "<Tab>" else "partiallyAccepted"
@@ -266,24 +270,21 @@ def buffer_text(nvim: Nvim) -> str:
     return nvim.lua("table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\\n')")
 
 
-def run_on_selections(nvim: Nvim, command: str) -> int:
-    """Run `command` on each of SELECTIONS (selected linewise) until the buffer changes; its first line.
-
-    A model may propose nothing for a selection (the server says so); the next one is tried."""
-    results = []
-    for first_line, last_line in SELECTIONS:
-        before = buffer_text(nvim)
-        done = int(nvim.lua("vim.g.dgls_done"))
-        nvim.send(f"<Esc>{first_line}GV{'j' * (last_line - first_line)}:{command}<CR>")
-        wait_for(lambda done=done: nvim.lua("vim.g.dgls_done") == str(done + 1), 180, f":{command} to finish")
-        assert nvim.lua("vim.g.dgls_error") in ("nil", "vim.NIL", ""), nvim.lua("vim.g.dgls_error")
-        results.append(nvim.lua("vim.g.dgls_result"))
-        after = buffer_text(nvim)
-        if after != before:
-            assert after.split("\n")[: first_line - 1] == before.split("\n")[: first_line - 1], "text before changed"
-            assert after.rstrip().endswith("print(total)")
-            return first_line
-    raise AssertionError(f":{command} changed no selection; the server said {results}")
+def run_on_selection(nvim: Nvim, command: str, selection: tuple[int, int]) -> None:
+    """Select `selection` of the sample (linewise), run `command` on it, and check that the server's non-empty
+    text replaced it and nothing else changed."""
+    first, last = selection
+    assert buffer_text(nvim) + "\n" == SAMPLE
+    done = int(nvim.lua("vim.g.dgls_done"))
+    nvim.send(f"<Esc>{first}GV{'j' * (last - first)}:{command}<CR>")
+    wait_for(lambda: nvim.lua("vim.g.dgls_done") == str(done + 1), 180, f":{command} to finish")
+    assert nvim.lua("vim.g.dgls_error") in ("nil", "vim.NIL", ""), nvim.lua("vim.g.dgls_error")
+    result = json.loads(nvim.lua("vim.json.encode(vim.g.dgls_result)") or "{}") or {}
+    text = result.get("text") or ""
+    assert result.get("applied") is True and text.strip(), f":{command} on lines {first}-{last}: {result}"
+    assert text != split_at(selection)[1], f":{command} gave the selected text back: {result}"
+    # The buffer is the sample with exactly the server's text in place of the selection.
+    assert replacement(selection, buffer_text(nvim) + "\n") == text, (result, buffer_text(nvim))
 
 
 def engine_pid(engine: EditorEngine) -> int | None:
@@ -294,10 +295,11 @@ def engine_pid(engine: EditorEngine) -> int | None:
 def test_rewrite_fill_health_and_restart(nvim_factory: Callable[..., Nvim], editor_engine: EditorEngine) -> None:
     nvim = nvim_factory("native")
     wait_ready(nvim)
-    run_on_selections(nvim, "DglsRewrite use fewer lines")
+    scenario = editor_engine.scenario
+    run_on_selection(nvim, f"DglsRewrite {scenario.instruction}", scenario.rewrite_selection)
     nvim.send("<Esc>:edit!<CR>")  # back to the file on disk
     wait_for(lambda: buffer_text(nvim) == SAMPLE.rstrip("\n"), 10, "the file to reload")
-    run_on_selections(nvim, "DglsFill")
+    run_on_selection(nvim, "DglsFill", scenario.fill_selection)
     # :checkhealth dgls: server found, engine reachable, model loaded, Neovim version.
     nvim.send("<Esc>:checkhealth dgls<CR>")
     report = wait_for(lambda: (lambda text: text if "model loaded" in text else "")(

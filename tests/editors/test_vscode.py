@@ -1,8 +1,10 @@
 """VS Code (code-server from npm, Node 24) with the dgls extension installed from its .vsix, driven by headless
 Chromium (@sparticuz/chromium + puppeteer-core, tests/editors/vscode_driver.mjs) against the real `dgls lsp` and
 engine: ghost text (`.ghost-text-decoration`) appears while typing, Tab accepts it and the saved file changes;
-"dgls: Fill Selection" edits the selection; "dgls: Rewrite Selection…" (with an instruction) rewrites it,
-"dgls: Show Log" shows the output channel and "dgls: Restart Engine" brings up a new engine.
+"dgls: Fill Selection" replaces the selection; "dgls: Rewrite Selection…" (with an instruction) rewrites it into
+other, non-empty text; "dgls: Show Log" shows the output channel and "dgls: Restart Engine" brings up a new engine.
+Where to type and which lines to select come from the scenario `editor_engine` chose for the model
+(tests/editors/conftest.py).
 
 Part of the default run (so of CI): editors/scripts/install-code-server.sh installs everything from the npm
 registry with lockfiles (`npm ci`), cached under .work/editors (a few minutes the first time); each test starts a
@@ -28,18 +30,15 @@ import pytest
 from tests.editors.conftest import (
     SAMPLE,
     SCREENSHOTS,
-    SELECTIONS,
-    TYPE_AT_LINE,
-    TYPED,
     EditorEngine,
     install,
+    replacement,
     skip_unless_enabled,
-    typed_sample,
+    split_at,
 )
 
 pytestmark = skip_unless_enabled("vscode")
 DRIVER = Path(__file__).with_name("vscode_driver.mjs")
-RANGES = ",".join(f"{first}-{last}" for first, last in SELECTIONS)  # the driver's DGLS_RANGES
 
 
 def npm_registry() -> str:
@@ -89,6 +88,7 @@ def code_server(harness: Harness, editor_engine: EditorEngine, tmp_path: Path) -
         "dgls.deadlines.automaticMs": 60000,
         "dgls.deadlines.invokedMs": 60000,
         "dgls.deadlines.rewriteMs": 120000,
+        "dgls.completion.seed": editor_engine.seed,
         "editor.inlineSuggest.enabled": True,
         "editor.quickSuggestions": {"other": False, "comments": False, "strings": False},
         "editor.suggestOnTriggerCharacters": False,
@@ -148,36 +148,47 @@ def drive(harness: Harness, server: CodeServer, scenario: str, **env: str) -> di
     return outcome
 
 
-def test_ghost_text_appears_and_tab_accepts_it(harness: Harness, code_server: CodeServer) -> None:
-    outcome = drive(harness, code_server, "ghost", DGLS_LINE=str(TYPE_AT_LINE), DGLS_TYPED=TYPED)
+def test_ghost_text_appears_and_tab_accepts_it(harness: Harness, code_server: CodeServer,
+                                                editor_engine: EditorEngine) -> None:
+    scenario = editor_engine.scenario
+    outcome = drive(harness, code_server, "ghost", DGLS_LINE=str(scenario.type_line), DGLS_TYPED=scenario.typed)
     ghost = str(outcome["ghost"]).replace("\u00a0", " ")  # VS Code draws spaces as no-break spaces
     assert ghost.strip()
     # The typing position asks for one line (the rest of it): Tab inserts exactly the ghost text shown there, and
     # nothing else in the file changes.
-    expected, _ = typed_sample()
+    expected, _ = scenario.typed_sample()
     lines = expected.split("\n")
-    lines[TYPE_AT_LINE - 1] += ghost
+    lines[scenario.type_line - 1] += ghost
     assert (code_server.workspace / "sample.py").read_text() == "\n".join(lines)
     if os.environ.get("DGLS_EDITOR_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(code_server.out / "vscode-ghost-text.png", SCREENSHOTS / "vscode-ghost-text.png")
 
 
-def test_fill_selection_edits_the_selection(harness: Harness, code_server: CodeServer) -> None:
-    # A model may propose nothing for a gap: the driver then tries the next selection.
-    drive(harness, code_server, "fill", DGLS_RANGES=RANGES)
-    saved = (code_server.workspace / "sample.py").read_text()
-    assert saved != SAMPLE, "the selection did not change"
-    first = min(first for first, _ in SELECTIONS)
-    assert saved.split("\n")[: first - 1] == SAMPLE.split("\n")[: first - 1], "text before the selections changed"
+def check_replaced(saved: str, selection: tuple[int, int], what: str, outcome: dict[str, object]) -> None:
+    """`saved` is the sample with the selection replaced by other, non-empty text, and nothing else changed."""
+    first, last = selection
+    new = replacement(selection, saved)
+    assert new is not None, f"{what} changed text outside lines {first}-{last}: {outcome.get('toasts')}\n{saved}"
+    assert new.strip(), f"{what} left lines {first}-{last} empty: {outcome.get('toasts')}"
+    assert new != split_at(selection)[1], f"{what} did not change lines {first}-{last}: {outcome.get('toasts')}"
+
+
+def test_fill_selection_edits_the_selection(harness: Harness, code_server: CodeServer,
+                                            editor_engine: EditorEngine) -> None:
+    first, last = editor_engine.scenario.fill_selection
+    outcome = drive(harness, code_server, "fill", DGLS_RANGE=f"{first}-{last}")
+    check_replaced((code_server.workspace / "sample.py").read_text(), (first, last), "Fill Selection", outcome)
 
 
 def test_rewrite_show_log_and_restart_engine(harness: Harness, code_server: CodeServer,
                                              editor_engine: EditorEngine) -> None:
-    outcome = drive(harness, code_server, "commands", DGLS_INSTRUCTION="use fewer lines", DGLS_RANGES=RANGES)
+    scenario = editor_engine.scenario
+    first, last = scenario.rewrite_selection
+    outcome = drive(harness, code_server, "commands", DGLS_INSTRUCTION=scenario.instruction,
+                    DGLS_RANGE=f"{first}-{last}")
     saved = (code_server.workspace / "sample.py").read_text()
     assert saved != SAMPLE, f"the rewrite changed nothing: {outcome.get('toasts')}"
-    first = SELECTIONS[0][0]  # the driver rewrites the first selection
-    assert saved.split("\n")[: first - 1] == SAMPLE.split("\n")[: first - 1], "text before the selection changed"
+    check_replaced(saved, (first, last), "Rewrite Selection", outcome)
     assert "starting" in str(outcome["logText"])
     assert outcome["sawRestart"], "the status bar never left 'ready' during the restart"

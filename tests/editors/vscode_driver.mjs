@@ -2,9 +2,10 @@
 //
 // usage: node vscode_driver.mjs HARNESS_DIR URL SCENARIO OUT_DIR
 //   scenario "ghost": open sample.py, type at line LINE, wait for `.ghost-text-decoration`, screenshot, Tab, save.
-//   scenario "fill":  select lines (DGLS_RANGES), run "dgls: Fill Selection" from the command palette, wait, save.
-//   scenario "commands": "dgls: Rewrite Selection…" with an instruction (DGLS_INSTRUCTION) on the first range of
-//                        DGLS_RANGES, "dgls: Show Log", "dgls: Restart Engine".
+//   scenario "fill":  select lines DGLS_RANGE ("first-last", 1-based), run "dgls: Fill Selection" from the command
+//                     palette, wait, save.
+//   scenario "commands": "dgls: Rewrite Selection…" with an instruction (DGLS_INSTRUCTION) on lines DGLS_RANGE,
+//                        "dgls: Show Log", "dgls: Restart Engine".
 // Prints one JSON object per step on stdout; the last line is {"ok": true|false, ...}.
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -130,9 +131,10 @@ try {
       });
       if (ghost) break;
       if (Date.now() - lastTrigger > 15_000) {
-        await page.keyboard.down('Alt');
-        await page.keyboard.press('Backslash'); // editor.action.inlineSuggest.trigger
-        await page.keyboard.up('Alt');
+        // No suggestion for this prefix yet: ask explicitly (an invoked request). This VS Code binds no key to
+        // editor.action.inlineSuggest.trigger (Alt+\ does nothing), so it goes through the command palette.
+        await commandPalette('Trigger Inline Suggestion');
+        log('triggered');
         lastTrigger = Date.now();
       }
       await sleep(250);
@@ -147,28 +149,19 @@ try {
     log('accepted');
     result = { ok: true, ghost };
   } else if (scenario === 'fill') {
-    // DGLS_RANGES: "from-to,from-to" (1-based lines). A model may propose nothing for a gap (the server then says
-    // so in a warning); the next range is tried, as a person would select another gap.
-    const attempts = [];
-    for (const span of env.DGLS_RANGES.split(',')) {
-      const [from, to] = span.split('-').map(Number);
-      await selectLines(from, to);
-      await commandPalette('dgls: Fill Selection');
-      // The server applies the edit with workspace/applyEdit; wait for the progress notification to go away.
-      const toasts = await waitForProgressGone('dgls: filling');
-      attempts.push({ span, toasts });
-      log('filled', { span, toasts });
-      if (!toasts.some((text) => text.includes('[dgls]'))) {
-        await page.screenshot({ path: path.join(outDir, 'vscode-fill.png') });
-        break;
-      }
-      await commandPalette('Notifications: Clear All Notifications');
-      await sleep(300);
-    }
+    // The test's scenario picked lines the model fills (tests/editors/conftest.py); a warning toast from the server
+    // (it proposed nothing) shows in `toasts`, and the test then fails on the unchanged file.
+    const [from, to] = env.DGLS_RANGE.split('-').map(Number);
+    await selectLines(from, to);
+    await commandPalette('dgls: Fill Selection');
+    // The server applies the edit with workspace/applyEdit; wait for the progress notification to go away.
+    const toasts = await waitForProgressGone('dgls: filling');
+    log('filled', { toasts });
+    await page.screenshot({ path: path.join(outDir, 'vscode-fill.png') });
     await save();
-    result = { ok: true, attempts };
+    result = { ok: true, toasts };
   } else if (scenario === 'commands') {
-    const [from, to] = env.DGLS_RANGES.split(',')[0].split('-').map(Number);
+    const [from, to] = env.DGLS_RANGE.split('-').map(Number);
     await selectLines(from, to);
     await commandPalette('dgls: Rewrite Selection');
     const input = await page.waitForSelector('.quick-input-widget input', { visible: true });
