@@ -39,14 +39,20 @@ def idle(status: dict[str, Any]) -> bool:
     return not status.get("running") and not status.get("queued")
 
 
+async def queue_inline_request(client: Any, busy: BusyEngine) -> asyncio.Future[Any]:
+    """An invoked inline completion at the test's cursor, returned once it waits in the engine behind `busy`."""
+    pending = asyncio.ensure_future(client.text_document_inline_completion_async(
+        inline_params(URI, LINE, COLUMN, invoked=True)))
+    await busy.wait_queued()
+    return pending
+
+
 async def test_a_newer_request_supersedes_the_older_one_in_the_engine(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
         async with BusyEngine(engine_socket) as busy:
-            older = asyncio.ensure_future(client.text_document_inline_completion_async(
-                inline_params(URI, LINE, COLUMN, invoked=True)))
-            await busy.wait_queued()
+            older = await queue_inline_request(client, busy)
             position = types.Position(LINE, COLUMN)
             change_document(client, URI, 2, "r", types.Range(position, position))
             newer = asyncio.ensure_future(client.text_document_inline_completion_async(
@@ -150,9 +156,7 @@ async def test_engine_killed_mid_request_answers_empty_restarts_and_recovers(opt
         open_document(client, URI, TEXT)
         pid = engine_status(engine_socket)["pid"]
         async with BusyEngine(engine_socket) as busy:
-            pending = asyncio.ensure_future(client.text_document_inline_completion_async(
-                inline_params(URI, LINE, COLUMN, invoked=True)))
-            await busy.wait_queued()
+            pending = await queue_inline_request(client, busy)
             os.kill(pid, signal.SIGKILL)
             result = await asyncio.wait_for(pending, timeout=10)
             assert not result.items  # answered empty, at once
