@@ -219,7 +219,9 @@ def ensure_engine(
             return wait_ready(socket_path, timeout=timeout, on_progress=on_progress)
         log_file = open(engine_log_path(socket_path), "ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "dgls", "engine", "serve", "--socket", str(socket_path), *serve_args],
+            # -P: the working directory (an editor's workspace) stays off sys.path, so a project of the user's
+            # with its own `engine` or `dgls` package cannot shadow ours
+            [sys.executable, "-P", "-m", "dgls", "engine", "serve", "--socket", str(socket_path), *serve_args],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,

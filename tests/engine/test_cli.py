@@ -176,3 +176,24 @@ def test_typing_the_suggestions_first_character_is_a_one_step_warm_start(tmp_pat
     assert second["warm_start"] is True and second["steps"] == 1
     assert second["cached_prompt_tokens"] >= second["prompt_tokens"] - 3
     assert first["text"][0] + second["text"] == first["text"]  # the rest of the same suggestion
+
+
+def test_a_project_with_its_own_engine_package_does_not_shadow_dgls(tmp_path, tiny_model_dir) -> None:
+    """Editors start dgls in the user's workspace; a workspace package named `engine` or `dgls` must not replace
+    ours in the engine process that `dgls complete` starts (as the `dgls` script runs, cwd off sys.path)."""
+    for name in ("engine", "dgls"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the project\\'s own {name} package')\n")
+    source = tmp_path / "calc.py"
+    source.write_text(SOURCE)
+    socket = tmp_path / "run" / "engine.sock"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-P", "-m", "dgls", "complete", f"{source}:6:12", "--socket", str(socket),
+             "--model", str(tiny_model_dir), "--json"],
+            capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    finally:
+        subprocess.run([sys.executable, "-P", "-m", "dgls", "engine", "stop", "--socket", str(socket)],
+                       capture_output=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] >= 1

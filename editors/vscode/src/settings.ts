@@ -17,13 +17,14 @@ export interface Launch {
   args: string[];
 }
 
-/** `dgls lsp`, or `<python> -m dgls lsp` when dgls.server.pythonPath is set. */
+/** `dgls lsp`, or `<python> -P -m dgls lsp` when dgls.server.pythonPath is set (-P: the workspace folder stays
+ * off sys.path, so a project package named `dgls` or `engine` cannot shadow ours). */
 export function launch(): Launch {
   const config = vscode.workspace.getConfiguration(SECTION);
   const extra = config.get<string[]>('server.extraArgs', []);
   const python = config.get<string>('server.pythonPath', '').trim();
   if (python) {
-    return { command: expandHome(python), args: ['-m', 'dgls', 'lsp', ...extra] };
+    return { command: expandHome(python), args: ['-P', '-m', 'dgls', 'lsp', ...extra] };
   }
   return { command: expandHome(config.get<string>('server.path', 'dgls').trim() || 'dgls'), args: ['lsp', ...extra] };
 }

@@ -12,7 +12,8 @@ local M = {}
 ---@field dismiss string|false       Hide the suggestion.
 
 M.defaults = {
-  -- Command that serves LSP on stdio. Use { '/path/to/venv/bin/python', '-m', 'dgls', 'lsp' } for a venv.
+  -- Command that serves LSP on stdio. Use { '/path/to/venv/bin/python', '-P', '-m', 'dgls', 'lsp' } for a venv
+  -- (-P keeps the project's own folders off sys.path).
   cmd = { 'dgls', 'lsp' },
   -- Filetypes the server is started for.
   filetypes = { 'python', 'javascript', 'typescript', 'go', 'rust', 'java', 'c', 'cpp', 'lua', 'sh' },

@@ -38,7 +38,7 @@ function M.check()
     health.ok(('server command: %s (%s)'):format(table.concat(opts.cmd, ' '), vim.fn.exepath(opts.cmd[1])))
   else
     health.error(('server command %q not found'):format(opts.cmd[1]),
-      { "install dgls (pip install -e . in the repo) or set cmd = { '/path/to/python', '-m', 'dgls', 'lsp' }" })
+      { "install dgls (pip install -e . in the repo) or set cmd = { '/path/to/python', '-P', '-m', 'dgls', 'lsp' }" })
     return
   end
   -- :checkhealth opens its own buffer: report the dgls client of any buffer.
