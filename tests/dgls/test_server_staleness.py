@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -39,12 +40,16 @@ def idle(status: dict[str, Any]) -> bool:
     return not status.get("running") and not status.get("queued")
 
 
-async def queue_inline_request(client: Any, busy: BusyEngine) -> asyncio.Future[Any]:
-    """An invoked inline completion at the test's cursor, returned once it waits in the engine behind `busy`."""
-    pending = asyncio.ensure_future(client.text_document_inline_completion_async(
-        inline_params(URI, LINE, COLUMN, invoked=True)))
+async def queued(busy: BusyEngine, request: Awaitable[Any]) -> asyncio.Future[Any]:
+    """`request` (a client call that fills through the engine), returned once it waits behind `busy`."""
+    pending = asyncio.ensure_future(request)
     await busy.wait_queued()
     return pending
+
+
+def inline_request(client: Any) -> Awaitable[Any]:
+    """An invoked inline completion at the test's cursor."""
+    return client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN, invoked=True))
 
 
 async def test_a_newer_request_supersedes_the_older_one_in_the_engine(options, engine_socket) -> None:
@@ -52,7 +57,7 @@ async def test_a_newer_request_supersedes_the_older_one_in_the_engine(options, e
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
         async with BusyEngine(engine_socket) as busy:
-            older = await queue_inline_request(client, busy)
+            older = await queued(busy, inline_request(client))
             position = types.Position(LINE, COLUMN)
             change_document(client, URI, 2, "r", types.Range(position, position))
             newer = asyncio.ensure_future(client.text_document_inline_completion_async(
@@ -71,8 +76,7 @@ async def cancel_while_queued(client: Any, engine_socket: Any, method: str, para
     """Send a request that waits in the engine behind blocker fills and `$/cancelRequest` it: it must end as
     cancelled and leave the engine. Returns how many blocker fills the engine served."""
     async with BusyEngine(engine_socket) as busy:
-        pending = asyncio.ensure_future(client.protocol.send_request_async(method, params, msg_id=msg_id))
-        await busy.wait_queued()
+        pending = await queued(busy, client.protocol.send_request_async(method, params, msg_id=msg_id))
         client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
         with pytest.raises(JsonRpcRequestCancelled):
             await asyncio.wait_for(pending, timeout=10)
@@ -117,8 +121,7 @@ async def test_cancelling_the_work_done_progress_cancels_the_rewrite(options, en
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
         async with BusyEngine(engine_socket) as busy:
-            pending = asyncio.ensure_future(client.workspace_execute_command_async(rewrite_params(1)))
-            await busy.wait_queued()
+            pending = await queued(busy, client.workspace_execute_command_async(rewrite_params(1)))
             (token,) = [token for token, reports in client.progress_reports.items()
                         if any(getattr(value, "title", "") == "dgls: rewriting the selection" for value in reports)]
             client.window_work_done_progress_cancel(types.WorkDoneProgressCancelParams(token=token))
@@ -135,8 +138,7 @@ async def test_an_edit_is_never_applied_to_changed_text(options, engine_socket) 
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
         async with BusyEngine(engine_socket) as busy:
-            pending = asyncio.ensure_future(client.workspace_execute_command_async(rewrite_params(1)))
-            await busy.wait_queued()
+            pending = await queued(busy, client.workspace_execute_command_async(rewrite_params(1)))
             end = types.Position(1, 4)
             change_document(client, URI, 2, "pass", types.Range(end, end))  # the user types meanwhile
             await client.workspace_execute_command_async(types.ExecuteCommandParams(command="dgls.status"))
@@ -156,7 +158,7 @@ async def test_engine_killed_mid_request_answers_empty_restarts_and_recovers(opt
         open_document(client, URI, TEXT)
         pid = engine_status(engine_socket)["pid"]
         async with BusyEngine(engine_socket) as busy:
-            pending = await queue_inline_request(client, busy)
+            pending = await queued(busy, inline_request(client))
             os.kill(pid, signal.SIGKILL)
             result = await asyncio.wait_for(pending, timeout=10)
             assert not result.items  # answered empty, at once
