@@ -40,6 +40,9 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                         help="dequantize all experts of a layer at once (faster) or one expert at a time (less memory)")
     parser.add_argument("--fast-step", default="auto", choices=["auto", "on", "off"],
                         help="static-buffer denoising step, a CUDA graph on a GPU (auto: on CUDA for uniform noise)")
+    parser.add_argument("--lean-forward", default="auto", choices=["auto", "on", "off"],
+                        help="dgls' own forward pass instead of transformers' (auto: wherever it serves the model "
+                             "and matches transformers' logits at warm-up)")
 
 
 def _socket_option(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +61,8 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         extra += ["--threads", str(args.threads)]
     if args.fast_step != "auto":
         extra += ["--fast-step", args.fast_step]
+    if args.lean_forward != "auto":
+        extra += ["--lean-forward", args.lean_forward]
     if args.quantize != "none":
         extra += ["--quantize", args.quantize, "--expert-dequant", args.expert_dequant]
         if args.quantize_embeddings:
@@ -146,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             socket_path=args.socket, model=args.model, device=args.device, dtype=args.dtype,
             template=args.template, idle_timeout=args.idle_timeout, cache_bytes=args.cache_mb * 2**20,
             quantize=args.quantize, quantize_embeddings=args.quantize_embeddings, expert_dequant=args.expert_dequant,
-            fast_step=args.fast_step,
+            fast_step=args.fast_step, lean_forward=args.lean_forward,
         ))
     except (CheckpointError, TemplateError, EngineAlreadyRunning, ValueError) as exc:
         raise CliError(str(exc)) from None

@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 import torch
 
+from engine.lean_decoder import PromptKV
+from engine.lean_forward import LeanForward
+
 CommitMode = Literal["line", "block"] | None
 
 
@@ -115,6 +118,8 @@ class Denoiser:
             ends_line[torch.tensor(newline_ids, device=device)] = True
         self.ends_line = ends_line  # [V] tokens that contain a newline
         self.embed_dtype = model.model.decoder.embed_tokens.weight.dtype
+        self.lean: LeanForward | None = None  # dgls' own forward (engine/lean_forward.py), when the engine sets it
+        self.plain_step_seconds: float | None = None  # the last step without prompt tokens (deadline predictions)
 
     def noise_like(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
         device = self.model.device
@@ -133,21 +138,13 @@ class Denoiser:
         seed_canvas: torch.Tensor | None = None,  # [C] start tokens; -1 where the canvas starts as noise
         fixed: torch.Tensor | None = None,  # [C] bool: seeded positions that never change
     ) -> DenoiseOutput:
-        s, model, device = self.settings, self.model, self.model.device
+        s, device = self.settings, self.model.device
         canvas = self.noise_like(batch, generator)  # canvas: [B, C]
         if seed_canvas is not None:
             seed = seed_canvas.to(device).expand(batch, -1)
             canvas = torch.where(seed >= 0, seed, canvas)
         argmax = canvas
-        positions = torch.arange(prompt_length, prompt_length + self.canvas_length, dtype=torch.int32, device=device)
-        positions = positions.unsqueeze(0)
-        mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=model.config,
-            inputs_embeds=canvas.unsqueeze(-1),
-            past_key_values=cache_view,
-            decoder_attention_mask=torch.ones((batch, prompt_length + self.canvas_length), dtype=torch.bool,
-                                              device=device),
-        )
+        decode = self.decoder(cache_view, prompt_length, batch)
         self_conditioning: torch.Tensor | None = None
         history = torch.full((s.stability_threshold, batch, self.canvas_length), -1, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -162,22 +159,18 @@ class Denoiser:
                 break
             started = time.monotonic()
             forwards += (~finished).long()
-            logits = model(
-                decoder_input_ids=canvas,
-                self_conditioning_logits=self_conditioning,
-                decoder_attention_mask=mask_mapping,
-                past_key_values=cache_view,
-                decoder_position_ids=positions,
-            ).logits  # [B, C, V] float32
+            logits = decode(canvas, self_conditioning)  # [B, C, V] float32
             temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
             new_processed = logits / temperature
             if self.noise == "mask":
                 new_processed[..., self.mask_token_id] = float("-inf")
             new_argmax = new_processed.argmax(dim=-1)
-            entropy = token_entropy(new_processed)  # [B, C]
             # Absorbing noise: decided tokens stay; only still-masked positions compete for acceptance.
             undecided = canvas.eq(self.mask_id) if absorbing else None
-            candidates = entropy if undecided is None else entropy.masked_fill(~undecided, float("inf"))
+            if undecided is None:
+                candidates = entropy = token_entropy(new_processed)  # [B, C]
+            else:
+                candidates = self._masked_entropy(new_processed, undecided)
             sorted_entropy, order = torch.sort(candidates, dim=-1)
             selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= s.entropy_bound
             accepted = torch.scatter(torch.zeros_like(selected), -1, order, selected)  # [B, C] bool
@@ -200,23 +193,27 @@ class Denoiser:
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
                 new_processed = torch.where(finished[:, None, None], processed, new_processed)
-            stable = (history == new_argmax[None]).all(dim=-1).all(dim=0) if s.stability_threshold else True
-            history = torch.roll(history, shifts=-1, dims=0)
-            if s.stability_threshold:
-                history[-1] = new_argmax
-            if finished.any():
-                entropy = token_entropy(new_processed)
-            mean_entropy = entropy.mean(dim=-1)
-            if absorbing:
+            if absorbing:  # done when nothing before the first EOS is masked
                 finished |= self._decided(new_canvas)
-            else:
-                finished |= stable & (mean_entropy < s.confidence_threshold)
+            else:  # done when the draft is stable for `stability_threshold` steps and confident
+                stable = (history == new_argmax[None]).all(dim=-1).all(dim=0) if s.stability_threshold else True
+                history = torch.roll(history, shifts=-1, dims=0)
+                if s.stability_threshold:
+                    history[-1] = new_argmax
+                if finished.any():
+                    entropy = token_entropy(new_processed)
+                finished |= stable & (entropy.mean(dim=-1) < s.confidence_threshold)
             canvas, argmax, processed = new_canvas, new_argmax, new_processed
             # Self-conditioning input as the model was trained: transformers' generate (uniform noise) feeds
             # the tempered logits; dgls' absorbing-noise training feeds the raw ones.
             self_conditioning = (logits if absorbing else processed).to(self.embed_dtype)
             steps += 1
             step_seconds = time.monotonic() - started
+            share = getattr(decode, "canvas_share", 1.0) if steps == 1 else 1.0
+            if share < 1.0:  # this step also encoded prompt tokens: predict the next by the last plain step
+                step_seconds = self.plain_step_seconds or step_seconds * share
+            else:
+                self.plain_step_seconds = step_seconds
             if control.commit is not None:
                 self._commit(argmax, accepted & (sampled == argmax), control.commit, finished, committed)
                 if all(committed[row] or finished[row] for row in range(batch)) and any(committed):
@@ -225,7 +222,7 @@ class Denoiser:
             if bool(finished.all()):
                 stop_reason = "converged"
                 break
-        score = self._score(processed, argmax) if steps else torch.zeros(batch)
+        score = self.score(processed, argmax, steps)
         return DenoiseOutput(
             canvas=argmax,
             committed=committed,
@@ -236,6 +233,40 @@ class Denoiser:
             cancelled=stop_reason == "cancelled",
             stop_reason=stop_reason,
         )
+
+    @staticmethod
+    def _masked_entropy(processed: torch.Tensor, undecided: torch.Tensor) -> torch.Tensor:
+        """[B, C] entropy at undecided positions, inf elsewhere (computed only where needed)."""
+        if bool(undecided.all()):
+            return token_entropy(processed)
+        entropy = torch.full(undecided.shape, float("inf"), dtype=processed.dtype, device=processed.device)
+        entropy[undecided] = token_entropy(processed[undecided])
+        return entropy
+
+    def decoder(self, prompt: Any, prompt_length: int, batch: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        """`decode(canvas, self_conditioning_logits) -> logits` for one request: dgls' lean forward when set
+        (`prompt` may then be a `PromptKV` whose pending tokens the first step encodes), else transformers'
+        forward over `prompt`, a decoder cache view."""
+        if self.lean is not None:
+            return self.lean.session(prompt, prompt_length, batch, self.canvas_length)
+        if isinstance(prompt, PromptKV):
+            raise TypeError("a PromptKV needs the lean forward; encode the prompt and pass its decode_view")
+        model, device = self.model, self.model.device
+        positions = torch.arange(prompt_length, prompt_length + self.canvas_length, dtype=torch.int32, device=device)
+        mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=model.config,
+            inputs_embeds=torch.zeros((batch, self.canvas_length, 1), dtype=torch.long, device=device),
+            past_key_values=prompt,
+            decoder_attention_mask=torch.ones((batch, prompt_length + self.canvas_length), dtype=torch.bool,
+                                              device=device),
+        )
+
+        def decode(canvas: torch.Tensor, self_conditioning: Any) -> torch.Tensor:
+            return model(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
+                         decoder_attention_mask=mask_mapping, past_key_values=prompt,
+                         decoder_position_ids=positions.unsqueeze(0)).logits
+
+        return decode
 
     @staticmethod
     def _sample(processed: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -276,6 +307,13 @@ class Denoiser:
         """[B] bool: no position before the first EOS is still masked (absorbing noise is done)."""
         after_eos = torch.isin(canvas, self.eos_ids).long().cumsum(dim=-1) > 0
         return ~(canvas.eq(self.mask_id) & ~after_eos).any(dim=-1)
+
+    def score(self, processed: torch.Tensor, argmax: torch.Tensor, steps: int) -> torch.Tensor:
+        """[B] mean log-probability of each row's draft, which ranks candidates; zeros for a single row (nothing
+        to rank: the log-softmax over the canvas costs ~0.3 ms on a CPU) or before any step."""
+        if not steps or argmax.shape[0] == 1:
+            return torch.zeros(argmax.shape[0])
+        return self._score(processed, argmax)
 
     @staticmethod
     def _score(processed: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
 from engine.fast_step import FastStep, select_denoiser
 from engine.fill import FillRequest, FillRequestError, FillResult
+from engine.lean_decoder import PromptKV
+from engine.lean_forward import select_forward
 from engine.loading import LoadedModel
 from engine.prompt_cache import PromptCache, decode_view, new_recording_cache, sliced_cache
 from engine.templates import PromptBuilder, PromptTemplate, load_template
@@ -35,6 +37,7 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         settings: SamplerSettings | None = None,
         fast_step: str = "auto",
+        lean_forward: str = "auto",
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -57,6 +60,8 @@ class Engine:
         )
         self.fast_step_mode = fast_step
         self.stepper: Denoiser | FastStep = select_denoiser(self.denoiser, fast_step)  # engine/fast_step.py
+        self.lean_forward_mode = lean_forward
+        self.denoiser.lean = select_forward(self.model, lean_forward)  # engine/lean_forward.py
         self.cache = PromptCache(cache_bytes)
         self.drafts: dict[str, tuple[str, str, str]] = {}  # document -> (prefix, suffix, completion)
         self.max_positions = int(self.text_config.max_position_embeddings)
@@ -65,12 +70,16 @@ class Engine:
         """Run one throwaway fill so the first real request does not pay torch's first-call costs (seconds on
         a CPU, a graph capture on a GPU); leaves no cache entry or draft behind. Returns its duration in ms.
 
+        With the lean forward chosen automatically, the warm-up first compares one of its decoder steps with
+        transformers' and keeps transformers' forward if they differ by more than rounding (`_check_lean`).
         With the fast step chosen automatically, the warm-up also checks it: if it fails (e.g. the model cannot
         be captured in a CUDA graph), fills fall back to the reference loop; if its tokens differ from the
         reference loop's, that is logged (padding the prompt KV changes the attention's summation order, so
         near-ties may flip)."""
         started = time.monotonic()
         request = FillRequest(prefix="def main():\n    return ", suffix="\n", deadline_ms=60_000, use_cache=False)
+        if self.denoiser.lean is not None and self.lean_forward_mode == "auto":
+            self._check_lean(request)
         if isinstance(self.stepper, FastStep) and self.fast_step_mode == "auto":
             self._check_fast_step(self.stepper, request)
         else:
@@ -94,6 +103,31 @@ class Engine:
             log.warning("fast step and reference loop disagree on the warm-up fill (%r vs %r); "
                         "'--fast-step off' uses the reference loop", fast.text[:40], reference.text[:40])
 
+    @torch.no_grad()
+    def _check_lean(self, request: FillRequest) -> None:
+        """Compare one decoder step of the lean forward with transformers' on `request`'s prompt; use
+        transformers' forward if the lean one raises or its logits differ by more than rounding."""
+        try:
+            ids = tuple(self.builder.render(request))
+            full_cache, _ = self._encode(ids, use_cache=False)
+            view = decode_view(full_cache, self.text_config, batch=1)
+            canvas = self.denoiser.noise_like(1, torch.Generator(device=self.model.device).manual_seed(0))
+            lean = self.denoiser.decoder(view, len(ids), 1)(canvas, None)
+            lean_forward, self.denoiser.lean = self.denoiser.lean, None
+            reference = self.denoiser.decoder(view, len(ids), 1)(canvas, None)
+            self.denoiser.lean = lean_forward
+        except Exception as exc:  # never let the optional fast path take the engine down
+            log.warning("lean forward failed in the warm-up (%s: %s); using transformers' forward",
+                        type(exc).__name__, exc)
+            self.denoiser.lean = None
+            return
+        tolerance = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * max(1.0, float(reference.abs().max()))
+        difference = float((lean - reference).abs().max())
+        if not difference <= tolerance:  # also catches NaN
+            log.warning("lean forward differs from transformers' by %.3g on the warm-up step (tolerance %.3g); "
+                        "using transformers' forward", difference, tolerance)
+            self.denoiser.lean = None
+
     def _newline_token_ids(self) -> list[int]:
         """Every vocabulary entry whose text contains a line break (the line-mode commit points)."""
         vocab_size = int(self.text_config.vocab_size)
@@ -116,13 +150,19 @@ class Engine:
                 f"{self.max_positions} positions; lower the template budgets"
             )
         tokenized = time.monotonic()
-        full_cache, cached_tokens = self._encode(tuple(ids), use_cache=request.use_cache)
+        prompt: Any
+        if self.denoiser.lean is not None and self.stepper is self.denoiser:
+            # the rest of the prompt is encoded by the first denoising step, in the same forward as the canvas
+            prompt, cached_tokens = self._reuse(tuple(ids), use_cache=request.use_cache)
+        else:
+            full_cache, cached_tokens = self._encode(tuple(ids), use_cache=request.use_cache)
+            prompt = decode_view(full_cache, self.text_config, batch=request.candidates)
         encoded = time.monotonic()
 
         seed, fixed, warm = self._seed_canvas(request)
         generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
         output = self.stepper.run(
-            decode_view(full_cache, self.text_config, batch=request.candidates),
+            prompt,
             prompt_length=len(ids),
             batch=request.candidates,
             generator=generator,
@@ -135,6 +175,8 @@ class Engine:
             fixed=fixed,
         )
         denoised = time.monotonic()
+        if isinstance(prompt, PromptKV) and request.use_cache and not prompt.pending.shape[1]:
+            self.cache.put(tuple(ids), prompt.cache)  # not when cancelled before the first step encoded the rest
         texts, valid_tokens = [], 0
         for row in range(request.candidates):
             tokens = output.canvas[row].tolist()
@@ -192,6 +234,16 @@ class Engine:
         if use_cache:
             self.cache.put(tokens, cache)
         return cache, reused
+
+    def _reuse(self, tokens: tuple[int, ...], use_cache: bool) -> tuple[PromptKV, int]:
+        """The longest cached prefix of `tokens` (when allowed) and the rest, left for the first step."""
+        entry, reused = self.cache.longest_prefix(tokens) if use_cache else (None, 0)
+        if entry is not None and reused:
+            cache = sliced_cache(entry.cache, reused, self.text_config)
+        else:
+            cache, reused = new_recording_cache(self.text_config), 0
+        pending = torch.tensor([tokens[reused:]], dtype=torch.long, device=self.model.device)
+        return PromptKV(cache=cache, pending=pending, length=len(tokens)), reused
 
     def _seed_canvas(self, request: FillRequest) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """The canvas to start from: the request's own seed, else a warm start from this document's last
@@ -262,6 +314,7 @@ class Engine:
             "canvas_length": self.denoiser.canvas_length,
             "max_denoising_steps": self.settings.max_steps,
             "fast_step": self.stepper.kind if isinstance(self.stepper, FastStep) else "off",
+            "forward": "lean" if self.denoiser.lean is not None else "transformers",
             "cache_bytes": self.cache.nbytes,
             "cache_entries": len(self.cache.entries),
         }

@@ -147,7 +147,7 @@ class FastStep:
             if converged:
                 stop_reason = "converged"
                 break
-        score = self.denoiser._score(e.processed, e.argmax) if steps else torch.zeros(batch)
+        score = self.denoiser.score(e.processed, e.argmax, steps)
         converged = bool(e.finished.all()) or stop_reason == "early_commit"
         return DenoiseOutput(canvas=e.argmax.clone(), committed=e.committed.tolist(), score=score, steps=steps,
                              forwards=e.forwards.tolist(), converged=converged,

@@ -117,19 +117,25 @@ def test_cancellation_stops_at_the_next_step(engine: Engine) -> None:
 
 
 def test_candidates_are_one_batch_with_different_samples(engine: Engine) -> None:
-    calls = {"n": 0}
-    original = engine.model.forward
+    calls = {"n": 0, "rows": set()}
+    original = engine.denoiser.decoder
 
-    def counting_forward(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
+    def counting_decoder(*args):
+        decode = original(*args)
 
-    engine.model.forward = counting_forward
+        def counted(canvas, self_conditioning):
+            calls["n"] += 1
+            calls["rows"].add(canvas.shape[0])
+            return decode(canvas, self_conditioning)
+
+        return counted
+
+    engine.denoiser.decoder = counting_decoder
     try:
         result = engine.fill(request(candidates=4, mode="block"))
     finally:
-        engine.model.forward = original
-    assert calls["n"] == result.steps  # one decoder forward per step for all four candidates
+        engine.denoiser.decoder = original
+    assert calls["n"] == result.steps and calls["rows"] == {4}  # one decoder forward per step for all four
     assert 2 <= len(result.candidates) <= 4  # random rows differ; duplicates are merged
     assert result.text == result.candidates[0]
 
@@ -188,17 +194,22 @@ def test_token_entropy_is_bit_identical_to_categorical() -> None:
 
 def test_absorbing_noise_keeps_decided_tokens(mask_engine: Engine) -> None:
     canvases: list[torch.Tensor] = []
-    original = mask_engine.model.forward
+    original = mask_engine.denoiser.decoder
 
-    def recording_forward(*args, **kwargs):
-        canvases.append(kwargs["decoder_input_ids"].clone())
-        return original(*args, **kwargs)
+    def recording_decoder(*args):
+        decode = original(*args)
 
-    mask_engine.model.forward = recording_forward
+        def recorded(canvas, self_conditioning):
+            canvases.append(canvas.clone())
+            return decode(canvas, self_conditioning)
+
+        return recorded
+
+    mask_engine.denoiser.decoder = recording_decoder
     try:
         result = mask_engine.fill(request(mode="block", candidates=2))
     finally:
-        mask_engine.model.forward = original
+        mask_engine.denoiser.decoder = original
     assert canvases[0].eq(3).all()  # every position starts masked
     for before, after in zip(canvases, canvases[1:], strict=False):
         decided = before.ne(3)

@@ -29,7 +29,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def engine(tiny_sliding_model_dir) -> Engine:
     """Sliding window 16: sliding layers hold fewer KV slots than full ones, as with the real model."""
-    return Engine(load_checkpoint(tiny_sliding_model_dir, device="cpu"), fast_step="off")
+    # compared with the reference loop over transformers' forward
+    return Engine(load_checkpoint(tiny_sliding_model_dir, device="cpu"), fast_step="off", lean_forward="off")
 
 
 def prompt(length: int) -> tuple[int, ...]:
@@ -102,7 +103,7 @@ def recorded_syncs(events: list[str]) -> Iterator[None]:
 def test_one_host_sync_per_step_and_none_inside_it(tiny_model_dir) -> None:
     loaded = load_checkpoint(tiny_model_dir, device="cpu")
     loaded.model.set_experts_implementation("batched_mm")  # the CPU's per-expert loop syncs; GPUs' grouped GEMM not
-    engine = Engine(loaded, fast_step="off")
+    engine = Engine(loaded, fast_step="off", lean_forward="off")
     fast = FastStep(engine.denoiser, min_capacity=64)
     full, _ = engine._encode(prompt(30), use_cache=False)
     view = decode_view(full, engine.text_config, batch=2)
@@ -178,10 +179,10 @@ def test_engine_fills_equal_with_the_fast_step_on_and_off(tiny_model_dir) -> Non
 
 
 def test_selection_follows_the_mode_and_what_the_model_needs(tiny_model_dir, tiny_mask_model_dir) -> None:
-    uniform = Engine(load_checkpoint(tiny_model_dir, device="cpu"), fast_step="off").denoiser
+    uniform = Engine(load_checkpoint(tiny_model_dir, device="cpu"), fast_step="off", lean_forward="off").denoiser
     assert select_denoiser(uniform, "auto") is uniform  # auto: CUDA only
     assert isinstance(select_denoiser(uniform, "on"), FastStep)
-    masked = Engine(load_checkpoint(tiny_mask_model_dir, device="cpu"), fast_step="off").denoiser
+    masked = Engine(load_checkpoint(tiny_mask_model_dir, device="cpu"), fast_step="off", lean_forward="off").denoiser
     assert select_denoiser(masked, "auto") is masked
     with pytest.raises(ValueError, match="mask"):
         select_denoiser(masked, "on")
@@ -195,7 +196,7 @@ def test_cuda_graph_steps_without_implicit_syncs_and_agrees_with_the_reference(t
     the real shape is what `benchmarks/gpu_step.py` captures (`fast_step_graph`)."""
     loaded = load_checkpoint(tiny_sliding_model_dir, device="cuda", dtype="float32")
     loaded.model.set_experts_implementation("batched_mm")
-    engine = Engine(loaded, fast_step="off")
+    engine = Engine(loaded, fast_step="off", lean_forward="off")
     fast = FastStep(engine.denoiser, min_capacity=64)
     agree, total = 0, 0
     for length, seed in ((5, 0), (37, 1), (64, 2)):
@@ -229,7 +230,8 @@ def test_cuda_graph_steps_without_implicit_syncs_and_agrees_with_the_reference(t
 
 @needs_cuda
 def test_cuda_tempered_logits_have_the_reference_bits(tiny_model_dir) -> None:
-    engine = Engine(load_checkpoint(tiny_model_dir, device="cuda", dtype="float32"), fast_step="off")
+    loaded = load_checkpoint(tiny_model_dir, device="cuda", dtype="float32")
+    engine = Engine(loaded, fast_step="off", lean_forward="off")
     fast = FastStep(engine.denoiser)
     s = engine.settings
     values = torch.randn(1 << 16, device="cuda") * 30
