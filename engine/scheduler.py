@@ -7,7 +7,10 @@ its next denoising step. Results are handed back to the asyncio loop that submit
 
 All model work happens on the worker thread, the warm-up fill included: on a CPU, torch's OpenMP thread team
 belongs to the thread that first runs parallel work, and fills on another thread than the warm-up's ran
-about 1.7 times slower (measured on the shipped model, 2 cores).
+about 1.7 times slower (measured on the shipped model, 2 cores). The worker is best the process's main thread:
+torch's parallel regions started from any other thread were 1.4-1.7 times slower again (libgomp; fills of the
+shipped model 26 ms on the main thread, 36-45 ms on a worker thread, 2 cores), so the engine server hands
+`Scheduler.start` a host that runs the worker loop on its main thread (`engine.server.serve`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,13 @@ class Job:
 class Scheduler:
     """Runs `fill(request, cancelled)` for queued jobs on a single worker thread."""
 
-    def __init__(self, fill: Callable[[FillRequest, Callable[[], bool]], FillResult]) -> None:
+    def __init__(
+        self,
+        fill: Callable[[FillRequest, Callable[[], bool]], FillResult],
+        host: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
+        """`host(loop)` runs the worker loop on a thread of the caller's choosing (it returns once the scheduler
+        stops); by default a new daemon thread."""
         self.fill = fill
         self.queue: list[Job] = []
         self.running: Job | None = None
@@ -68,14 +77,15 @@ class Scheduler:
         self.served = 0
         self.last_latency_ms: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=256)  # engine-side total_ms of the latest fills
-        self.thread = threading.Thread(target=self._work, name="dgls-engine-worker", daemon=True)
+        self.host = host or (lambda loop: threading.Thread(target=loop, name="dgls-engine-worker", daemon=True).start())
         self.warm_up: Callable[[], Any] | None = None
+        self.worker_thread: str | None = None  # the name of the thread that runs the fills, once started
         self.warmed: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def start(self, warm_up: Callable[[], Any] | None = None) -> concurrent.futures.Future[Any]:
         """Start the worker; it runs `warm_up` first. The future holds warm_up's result (or its exception)."""
         self.warm_up = warm_up
-        self.thread.start()
+        self.host(self._work)
         return self.warmed
 
     def stop(self) -> None:
@@ -137,9 +147,11 @@ class Scheduler:
                 "latency_ms_p50": round(statistics.median(recent), 2) if recent else None,
                 "latency_ms_p95": recent[min(len(recent) - 1, round(0.95 * (len(recent) - 1)))] if recent else None,
                 "recent_latencies_ms": list(self.recent_ms),
+                "worker_thread": self.worker_thread,
             }
 
     def _work(self) -> None:
+        self.worker_thread = threading.current_thread().name
         try:
             self.warmed.set_result(self.warm_up() if self.warm_up is not None else None)
         except Exception as exc:  # reported through the future; the worker still serves

@@ -10,12 +10,16 @@ request, which frees the model (clients start it again on demand).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ class ServeOptions:
     quantize_embeddings: bool = False
     expert_dequant: str = "layer"
     fast_step: str = "auto"
+    lean_forward: str = "auto"
 
     def __post_init__(self) -> None:
         if self.idle_timeout is not None and self.idle_timeout <= 0:
@@ -75,8 +80,12 @@ def socket_answers(path: Path) -> bool:
 
 
 class EngineServer:
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, worker_host: Callable[[Callable[[], None]], None] | None = None
+                 ) -> None:
         self.options = options
+        self.worker_host = worker_host  # where the scheduler's worker loop runs (see `serve`)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.model_thread: str | None = None  # where the model was loaded (status: `model_thread`)
         self.model_dir = options.model or default_model_dir()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -100,8 +109,8 @@ class EngineServer:
             path.unlink()
         self.server = await asyncio.start_unix_server(self._connection, path=str(path), limit=MAX_FRAME_BYTES)
         os.chmod(path, 0o600)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        loop = self.loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # only possible on the main thread; else `serve` handles them
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
         log.info("engine listening on %s (pid %d)", path, os.getpid())
@@ -124,14 +133,15 @@ class EngineServer:
 
         try:
             options = self.options
-            loaded = await asyncio.to_thread(
+            loaded = await self._on_model_thread(
                 load_checkpoint, self.model_dir, options.device, options.dtype, progress, options.quantize,
                 options.quantize_embeddings, options.expert_dequant,
             )
-            self.engine = await asyncio.to_thread(
-                Engine, loaded, self.options.template, self.options.cache_bytes, fast_step=self.options.fast_step
+            self.engine = await self._on_model_thread(
+                Engine, loaded, self.options.template, self.options.cache_bytes, fast_step=self.options.fast_step,
+                lean_forward=self.options.lean_forward,
             )
-            self.scheduler = Scheduler(self.engine.fill)
+            self.scheduler = Scheduler(self.engine.fill, host=self.worker_host)
             warm_up = self.scheduler.start(warm_up=self.engine.warm_up)  # on the thread that will run the fills
             log.info("warm-up fill: %.0f ms", await asyncio.wrap_future(warm_up))
         except Exception as exc:  # CheckpointError or anything else: reported through status and every fill
@@ -145,6 +155,26 @@ class EngineServer:
         self.last_activity = time.monotonic()  # the idle timeout counts from ready, not from the start of loading
         self.ready.set()
         log.info("model ready: %s", self.engine.describe())
+
+    async def _on_model_thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run torch work on the thread that will run the fills (`serve`: the main thread), else on a thread of
+        its own: torch's CPU kernels slowed down by ~20% for good once another thread had run parallel work."""
+        if self.worker_host is None:
+            self.model_thread = "a worker thread"
+            return await asyncio.to_thread(function, *args, **kwargs)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def work() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            self.model_thread = threading.current_thread().name
+            try:
+                future.set_result(function(*args, **kwargs))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                future.set_exception(exc)
+
+        self.worker_host(work)
+        return await asyncio.wrap_future(future)
 
     async def _idle_watch(self) -> None:
         timeout = self.options.idle_timeout
@@ -172,6 +202,7 @@ class EngineServer:
             "protocol": PROTOCOL_VERSION,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "socket": str(self.options.socket_path),
+            "model_thread": self.model_thread,
         }
         if self.engine is not None:
             status.update(self.engine.describe())
@@ -207,12 +238,14 @@ class EngineServer:
                 task = asyncio.create_task(self._handle(body, send, jobs))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+        except asyncio.CancelledError:  # the engine is stopping with this client still connected: end quietly
+            pass  # (Python 3.11's stream protocol logs a cancelled connection handler as an error)
         finally:
             for job in jobs.values():
                 if self.scheduler is not None:
                     self.scheduler.cancel(job)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # stopping: see above
                 await writer.wait_closed()
 
     async def _handle(self, body: bytes, send: Any, jobs: dict[int, Job]) -> None:
@@ -260,5 +293,38 @@ class EngineServer:
 
 
 def serve(options: ServeOptions) -> None:
-    """Run the engine in the foreground until shutdown, a signal or the idle timeout."""
-    asyncio.run(EngineServer(options).run())
+    """Run the engine in the foreground until shutdown, a signal or the idle timeout.
+
+    All torch work (loading, warm-up, fills) runs on this, the main, thread and the socket's event loop on
+    another: torch's CPU kernels ran ~1.5 times slower when their parallel regions started from another thread
+    than the main one, and ~1.2 times slower on the main thread once another thread had run any (libgomp; see
+    `engine.scheduler`). The main thread runs the work the event loop hands it (the load, then the scheduler's
+    worker loop until the scheduler stops), then waits for the event loop to finish and re-raises its error."""
+    handoff: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+    server = EngineServer(options, worker_host=handoff.put)
+    failure: list[BaseException] = []
+
+    def event_loop() -> None:
+        try:
+            asyncio.run(server.run())
+        except BaseException as exc:  # re-raised on the main thread
+            failure.append(exc)
+        finally:
+            handoff.put(None)
+
+    def stop(signum: int, frame: Any) -> None:
+        if server.loop is not None:
+            server.loop.call_soon_threadsafe(server.stopping.set)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=event_loop, name="dgls-engine-io", daemon=True)
+    thread.start()
+    try:
+        while (work := handoff.get()) is not None:
+            work()  # the scheduler's worker loop: returns once the scheduler stops
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]

@@ -197,3 +197,34 @@ def test_a_project_with_its_own_engine_package_does_not_shadow_dgls(tmp_path, ti
                        capture_output=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] >= 1
+
+
+def test_serve_runs_the_model_on_its_main_thread_and_stops_on_a_signal(tmp_path, tiny_model_dir) -> None:
+    """torch's CPU kernels are ~1.5x slower when their parallel work starts from another thread than the main
+    one, so `dgls engine serve` loads the model, warms up and fills on its main thread (the socket's event loop
+    runs on another); SIGINT and SIGTERM still stop it cleanly. `--lean-forward off` reaches the engine."""
+    import signal
+
+    from engine.client import EngineClient, wait_ready
+    from engine.fill import FillRequest
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        socket = tmp_path / f"main-{sig.name}.sock"
+        process = subprocess.Popen([sys.executable, "-m", "dgls", "engine", "serve", "--socket", str(socket),
+                                    "--model", str(tiny_model_dir), "--lean-forward", "off"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(socket, 120)
+            with EngineClient(socket, timeout=30) as client:
+                assert client.fill(FillRequest(prefix="def add(a, b):\n    return ", deadline_ms=30_000)).steps >= 1
+                status = client.status()
+            assert status["model_thread"] == status["worker_thread"] == "MainThread"
+            assert status["forward"] == "transformers"
+            process.send_signal(sig)
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0, output
+        assert "engine stopped" in output and "Traceback" not in output
+        assert not socket.exists()
