@@ -91,10 +91,12 @@ class PromptBuilder:
         # Tokenizing is a few ms a request through transformers' wrapper; while the user types, the suffix,
         # the context and all but the last prefix line stay the same, so their tokens are remembered.
         self._text_memo: dict[str, tuple[int, ...]] = {}
+        self._literal_memo: dict[str, tuple[int, ...]] = {}
         self._line_counts: dict[str, int] = {}
 
     def forget(self) -> None:
-        """Drop the remembered tokenizations (benchmarks measuring a cold request call this)."""
+        """Drop the remembered tokenizations of request text (benchmarks measuring a cold request call this);
+        the template's own literals stay remembered."""
         self._text_memo.clear()
         self._line_counts.clear()
 
@@ -118,7 +120,14 @@ class PromptBuilder:
         return [self._line_counts[piece] for piece in pieces]
 
     def literal_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        """A template literal's ids, special tokens included (a handful per template, remembered)."""
+        if not text:
+            return []
+        memo = self._literal_memo.get(text)
+        if memo is None:
+            memo = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            _bounded_put(self._literal_memo, text, memo, TEXT_MEMO_ENTRIES)
+        return list(memo)
 
     def render(self, request: FillRequest) -> list[int]:
         values = {"language": request.language or "code", "path": request.path or "untitled"}

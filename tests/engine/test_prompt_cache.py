@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from engine.engine import Engine
@@ -51,3 +53,19 @@ def test_warm_up_leaves_no_cache_entry_or_draft(tiny_model_dir) -> None:
     engine = Engine(load_checkpoint(tiny_model_dir, device="cpu"))
     assert engine.warm_up() > 0
     assert not engine.cache.entries and not engine.drafts
+
+
+def test_common_prefix_length_equals_a_token_by_token_scan() -> None:
+    from engine.prompt_cache import common_prefix_length
+
+    def scan(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        index = 0
+        while index < min(len(a), len(b)) and a[index] == b[index]:
+            index += 1
+        return index
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        a = tuple(rng.randint(0, 3) for _ in range(rng.randint(0, 40)))
+        b = a[: rng.randint(0, len(a))] + tuple(rng.randint(0, 3) for _ in range(rng.randint(0, 10)))
+        assert common_prefix_length(a, b) == scan(a, b) == common_prefix_length(b, a)
