@@ -13,7 +13,10 @@ Reports (median over requests of the median over repeats, after a warm-up):
   starts from the rest of that suggestion) -> `typed_through_over_cold`, over the requests with a suggestion;
 - `tokens_per_forward`, `steps_mean`, `early_commit_saved_steps`;
 - `cancel_ms`: from a cancel to the engine being idle (median of 5 fills cancelled mid-step), and the same in
-  denoising steps (`cancel_steps`).
+  denoising steps (`cancel_steps`);
+- `forward` (`lean` or `transformers`: engine/lean_forward.py), and side by side in the same run with
+  transformers' forward: `decoder_step_ms` vs `transformers_decoder_step_ms` (one step over the same canvas and
+  prompt) and `warm_over_cold_transformers_forward` (the cold/warm pair again with `lean_forward="off"`).
 Progress goes to stderr; the last stdout line is one JSON object.
 """
 
@@ -36,6 +39,7 @@ from dgls.context import build_context
 from engine.engine import Engine
 from engine.fill import FillRequest
 from engine.loading import load_checkpoint
+from engine.prompt_cache import decode_view
 
 
 def to_request(cut: CutRequest, document: str, **extra: Any) -> FillRequest:
@@ -90,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             document = f"doc{index}-{repeat}"
             engine.cache.clear()
             engine.builder.forget()
-            cold_ms, first = timed(engine.fill, to_request(cut, document, seed=repeat))
-            # the user types the next character of the real line (whatever was suggested)
-            typed = CutRequest(cut.path, cut.prefix + cut.middle[:1], cut.suffix, cut.middle[1:], cut.mode)
-            warm_ms, second = timed(engine.fill, to_request(typed, document, seed=repeat))
+            cold_ms, warm_ms, first = cold_and_warm(engine, cut, document, repeat, keep_first=True)
             cold_runs.append(cold_ms)
             warm_runs.append(warm_ms)
             if first.text:  # ... or the first character of the suggestion (typing through it)
@@ -127,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
               f"generate {theirs[-1]:.0f} ms", file=sys.stderr)
 
     cancel_ms, cancel_steps = measure_cancel(engine, cuts[0])
+    print("transformers' forward: cold/warm pairs and one decoder step", file=sys.stderr)
+    reference = Engine(engine.loaded, lean_forward="off")
+    reference.fill(to_request(cuts[0], "warm-up"))
+    reference_cold, reference_warm = [], []
+    for index, cut in enumerate(cuts):
+        pair = [cold_and_warm(reference, cut, f"ref{index}-{repeat}", repeat) for repeat in range(args.repeats)]
+        reference_cold.append(statistics.median(cold for cold, _ in pair))
+        reference_warm.append(statistics.median(warm for _, warm in pair))
+    step_ms, reference_step_ms = decoder_steps(engine, reference, cuts[0], args.repeats * 5)
     if args.plot:
         from benchmarks.plots import latency_histogram
 
@@ -155,9 +165,42 @@ def main(argv: list[str] | None = None) -> int:
         "early_commit_saved_steps": round(statistics.fmean(saved), 2),
         "cancel_ms": cancel_ms,
         "cancel_steps": cancel_steps,
+        "forward": engine.describe()["forward"],
+        "decoder_step_ms": step_ms,
+        "transformers_decoder_step_ms": reference_step_ms,
+        "warm_over_cold_transformers_forward": round(statistics.median(reference_warm)
+                                                      / statistics.median(reference_cold), 3),
     }
     print(json.dumps(summary))
     return 0
+
+
+def cold_and_warm(engine: Engine, cut: CutRequest, document: str, seed: int, keep_first: bool = False) -> Any:
+    """(cold_ms, warm_ms[, first result]): a new document on an empty prompt cache, then the same document after
+    the user typed the next character of the real line (whatever was suggested)."""
+    engine.cache.clear()
+    engine.builder.forget()
+    cold_ms, first = timed(engine.fill, to_request(cut, document, seed=seed))
+    typed = CutRequest(cut.path, cut.prefix + cut.middle[:1], cut.suffix, cut.middle[1:], cut.mode)
+    warm_ms, _ = timed(engine.fill, to_request(typed, document, seed=seed))
+    return (cold_ms, warm_ms, first) if keep_first else (cold_ms, warm_ms)
+
+
+def decoder_steps(engine: Engine, reference: Engine, cut: CutRequest, repeats: int) -> tuple[float, float]:
+    """Median ms of one decoder step (with self-conditioning) over the same prompt and canvas: the engine's
+    forward and transformers'."""
+    ids = tuple(engine.builder.render(to_request(cut, "step")))
+    full, _ = reference._encode(ids, use_cache=False)
+    view = decode_view(full, engine.text_config, batch=1)
+    canvas = engine.denoiser.noise_like(1, torch.Generator().manual_seed(0))
+    medians = []
+    for runner in (engine, reference):
+        decode = runner.denoiser.decoder(view, len(ids), 1)
+        with torch.no_grad():
+            logits = decode(canvas, None)
+            runs = [timed(decode, canvas, logits)[0] for _ in range(repeats)]
+        medians.append(median(runs))
+    return medians[0], medians[1]
 
 
 def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[float, float]:
@@ -165,8 +208,9 @@ def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[f
     `fill` returns, in ms and in steps (against the median step of three uncancelled fills of the same request).
     Cancellation is checked between steps; the prompt encode before them is not interruptible."""
     step_ms, before_ms = [], []
+    engine.fill(to_request(cut, "cancel", early_commit=False))  # the prompt is cached: every step is alike
     for _ in range(3):
-        result = engine.fill(to_request(cut, "cancel", early_commit=False, use_cache=False))
+        result = engine.fill(to_request(cut, "cancel", early_commit=False))
         step_ms.append(result.timings["denoise_ms"] / max(result.steps, 1))
         before_ms.append(result.timings["total_ms"] - result.timings["denoise_ms"])  # tokenize + encode
     step = statistics.median(step_ms)
@@ -183,7 +227,7 @@ def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[f
 
         thread = threading.Thread(target=cancel_later)
         thread.start()
-        engine.fill(to_request(cut, "cancel", early_commit=False, use_cache=False), cancelled=flag.is_set)
+        engine.fill(to_request(cut, "cancel", early_commit=False), cancelled=flag.is_set)
         idle_at = time.perf_counter()
         thread.join()
         if cancelled_at:  # else the fill finished before the cancel arrived

@@ -36,7 +36,8 @@ from benchmarks.harness_engine import percentile
 from benchmarks.requests_from_files import default_files
 from engine.client import EngineClient, EngineError, wait_ready
 
-Timing = tuple[float, bool, float | None]  # end-to-end ms, answered with an item, the engine's ms for that fill
+# end-to-end ms, answered with an item, the engine's ms for that fill, the server's round trip to the engine
+Timing = tuple[float, bool, float | None, float | None]
 
 
 async def typing_session(client: LanguageClient, uri: str, text: str, line: int, typed: str, pause_s: float,
@@ -75,7 +76,8 @@ async def timed_request(client: LanguageClient, params: types.InlineCompletionPa
     items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
     last = _as_dict(server_status.get("lastFill") or {})
     ours = last.get("document") == params.text_document.uri and last.get("version") == version
-    timings.append((elapsed, bool(items), last.get("engineMs") if ours else None))
+    timings.append((elapsed, bool(items), last.get("engineMs") if ours else None,
+                    last.get("roundTripMs") if ours else None))
 
 
 def cut_sessions(count: int, chars: int, seed: int) -> list[tuple[Path, str, int, str]]:
@@ -134,8 +136,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine.shutdown()
         except EngineError:
             pass
-    filled = [(ms, engine) for ms, _, engine in timings if engine is not None]  # fills that ran to the end
-    answered = [ms for ms, has_item, _ in timings if has_item]
+    filled = [(ms, engine) for ms, _, engine, _ in timings if engine is not None]  # fills that ran to the end
+    links = [(ms, engine, trip) for ms, _, engine, trip in timings if engine is not None and trip is not None]
+    answered = [ms for ms, has_item, _, _ in timings if has_item]
     end_to_end = [ms for ms, _ in filled]
     p50 = percentile(end_to_end, 50)
     engine_p50 = round(statistics.median(engine for _, engine in filled), 2) if filled else None
@@ -150,11 +153,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine_ms_p50": engine_p50,
         "overhead_ratio": round(p50 / engine_p50, 3) if p50 and engine_p50 else None,
         "overhead_ms_p50": round(statistics.median(ms - engine for ms, engine in filled), 2) if filled else None,
+        "engine_link_ms_p50": _median([trip - engine for _, engine, trip in links]),
+        "lsp_side_ms_p50": _median([ms - trip for ms, _, trip in links]),
         "answered_p50_ms": percentile(answered, 50),
-        "stale_dropped": sum(1 for _, has_item, engine in timings if engine is None and not has_item),
+        "stale_dropped": sum(1 for _, has_item, engine, _ in timings if engine is None and not has_item),
         "engine_fills": status.get("requests_served"),
         "cache_hits": server_status.get("cacheHits"),
     }
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
 
 
 def _as_dict(params: Any) -> dict[str, Any]:

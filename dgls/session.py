@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ class Session:
         self.stats = {"engineCalls": 0, "cacheHits": 0, "shown": 0, "accepted": 0, "partiallyAccepted": 0,
                       "acceptedChars": 0, "emptyAnswers": 0}
         self.latest: dict[str, asyncio.Task[FillResult]] = {}
-        self.last_fill: dict[str, Any] = {}  # {document, version, engineMs} of the newest fill the engine finished
+        # {document, version, engineMs, roundTripMs} of the newest fill the engine finished (engineMs: the
+        # engine's own time; roundTripMs: from sending the request to the engine to having its answer)
+        self.last_fill: dict[str, Any] = {}
         self.told: set[str] = set()
         self.progress_token: str | None = None
         self.progress_ids = itertools.count(1)
@@ -171,6 +174,7 @@ class Session:
         if previous is not None and not previous.done():
             previous.cancel()
         wait_s = request.deadline_ms / 1000.0
+        sent = time.monotonic()
         task = asyncio.ensure_future(self.link.fill(request, wait_s))
         self.latest[key] = task
         try:
@@ -187,7 +191,8 @@ class Session:
             if self.latest.get(key) is task:
                 del self.latest[key]
         self.stats["engineCalls"] += 1
-        self.last_fill = {"document": key, "version": request.version, "engineMs": result.timings.get("total_ms")}
+        self.last_fill = {"document": key, "version": request.version, "engineMs": result.timings.get("total_ms"),
+                          "roundTripMs": round((time.monotonic() - sent) * 1000, 2)}
         return result
 
     def _engine_error(self, exc: EngineError) -> None:

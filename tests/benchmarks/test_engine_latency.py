@@ -6,7 +6,8 @@ from tests.benchmarks.runner import run_benchmark
 
 FIELDS = ("cold_ms", "warm_ms", "warm_over_cold", "dgls_over_transformers", "agreement", "dgls_exact_match",
           "transformers_exact_match", "tokens_per_forward", "steps_mean", "early_commit_saved_steps", "cancel_ms",
-          "cancel_steps", "typed_through_requests", "typed_through_ms", "typed_through_over_cold")
+          "cancel_steps", "typed_through_requests", "typed_through_ms", "typed_through_over_cold", "forward",
+          "decoder_step_ms", "transformers_decoder_step_ms", "warm_over_cold_transformers_forward")
 
 
 def test_engine_latency_smoke(tiny_model_dir) -> None:
@@ -20,3 +21,6 @@ def test_engine_latency_smoke(tiny_model_dir) -> None:
     assert summary["cancel_ms"] >= 0
     assert 0 <= summary["typed_through_requests"] <= 2
     assert (summary["typed_through_ms"] is None) == (summary["typed_through_requests"] == 0)
+    assert summary["forward"] == "lean"  # and side by side with transformers' forward:
+    assert summary["decoder_step_ms"] > 0 and summary["transformers_decoder_step_ms"] > 0
+    assert summary["warm_over_cold_transformers_forward"] > 0

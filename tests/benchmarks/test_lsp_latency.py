@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.benchmarks.runner import run_benchmark
 
 FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "overhead_ms_p50", "stale_dropped", "cache_hits",
-          "requests", "filled", "answered")
+          "requests", "filled", "answered", "engine_link_ms_p50", "lsp_side_ms_p50")
 
 
 def test_lsp_latency_smoke(tiny_model_dir) -> None:
@@ -19,3 +19,5 @@ def test_lsp_latency_smoke(tiny_model_dir) -> None:
     # every fill is paired with the engine's own time for it, and the round trip cannot beat the engine
     assert 1 <= summary["filled"] <= summary["requests"]
     assert summary["p50_ms"] >= summary["engine_ms_p50"] and summary["overhead_ms_p50"] >= 0
+    # the overhead splits into the server's round trip to the engine and the LSP side around it
+    assert summary["engine_link_ms_p50"] >= 0 and summary["lsp_side_ms_p50"] >= 0

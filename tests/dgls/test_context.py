@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,44 @@ def test_a_huge_document_parses_only_the_windows() -> None:
     context = build_context(text, len(text) // 2, text.count("\n", 0, len(text) // 2), "python", "")
     assert time.monotonic() - started < 5.0
     assert len(context.prefix) <= 256 * 4 and len(context.suffix) <= 128 * 4
+
+
+def test_small_documents_get_their_context_on_the_event_loop_large_ones_on_a_thread() -> None:
+    """A keystroke's context is built on the event loop for documents up to INLINE_CONTEXT_CHARS (cheaper than
+    a thread hop), on a worker thread above, so parsing a large file never stalls other requests."""
+    from dgls.inline import INLINE_CONTEXT_CHARS
+
+    line = "value = compute(value)\n"
+    small = "def f(value):\n" + line * 10
+    large = "def f(value):\n" + line * (INLINE_CONTEXT_CHARS // len(line) + 1)
+    for name, text, where in (("small", small, "loop"), ("large", large, "another thread")):
+        context, thread = context_and_thread(name, text)
+        expected = build_context(text, len(text) - 1, text.count("\n") - 1, "python", f"/tmp/{name}.py",
+                                 256, 128, 256)
+        assert (context.prefix, context.suffix, thread) == (expected.prefix, expected.suffix, where)
+
+
+def context_and_thread(name: str, text: str) -> tuple[Any, str]:
+    """`context_for`'s context for the end of `text`, and whether it was built on the event loop's thread."""
+    import asyncio
+    import threading
+
+    from dgls import inline
+
+    seen: list[threading.Thread] = []
+    original = inline.build_context
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    async def build() -> Any:
+        context = await inline.context_for(text, len(text) - 1, text.count("\n") - 1, "python", f"/tmp/{name}.py",
+                                           256, 128, 256)
+        return context, "loop" if seen == [threading.current_thread()] else "another thread"
+
+    inline.build_context = recording  # type: ignore[assignment]
+    try:
+        return asyncio.run(build())
+    finally:
+        inline.build_context = original  # type: ignore[assignment]
