@@ -34,7 +34,7 @@ from pygls.lsp.client import LanguageClient
 
 from benchmarks.harness_engine import percentile
 from benchmarks.requests_from_files import default_files
-from engine.client import EngineClient, EngineError, wait_ready
+from engine.client import EngineClient, EngineError, EngineUnavailable, wait_ready
 
 # end-to-end ms, answered with an item, the engine's ms for that fill, the server's round trip to the engine
 Timing = tuple[float, bool, float | None, float | None]
@@ -124,7 +124,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if number:  # session 0 warms up the engine and the caches
                 timings.extend(run_timings)
             else:  # the server starts the engine on demand: wait until its model is loaded
-                await asyncio.to_thread(wait_ready, socket_path, 300.0)
+                await wait_for_engine(socket_path, server_status)
         with EngineClient(socket_path, timeout=30) as engine:
             status = engine.status()
     finally:
@@ -160,6 +160,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine_fills": status.get("requests_served"),
         "cache_hits": server_status.get("cacheHits"),
     }
+
+
+async def wait_for_engine(socket_path: Path, server_status: dict[str, Any], timeout: float = 300.0) -> None:
+    """Until the engine the server started is ready; at once, with the server's reason, if it could not start
+    (rather than polling a socket nothing will ever answer on for the whole timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server_status.get("state") == "failed":
+            raise SystemExit(f"lsp_latency: the engine could not start: {server_status.get('message')}")
+        try:
+            await asyncio.to_thread(wait_ready, socket_path, 1.0)
+            return
+        except EngineUnavailable:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def _median(values: list[float]) -> float | None:

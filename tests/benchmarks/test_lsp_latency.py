@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.benchmarks.runner import run_benchmark
+from tests.benchmarks.runner import ROOT, run_benchmark
 
 FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "overhead_ms_p50", "stale_dropped", "cache_hits",
           "requests", "filled", "answered", "engine_link_ms_p50", "lsp_side_ms_p50")
@@ -21,3 +21,14 @@ def test_lsp_latency_smoke(tiny_model_dir) -> None:
     assert summary["p50_ms"] >= summary["engine_ms_p50"] and summary["overhead_ms_p50"] >= 0
     # the overhead splits into the server's round trip to the engine and the LSP side around it
     assert summary["engine_link_ms_p50"] >= 0 and summary["lsp_side_ms_p50"] >= 0
+
+
+def test_lsp_latency_stops_at_once_when_the_engine_cannot_start(tmp_path) -> None:
+    """No polling a socket nothing will answer on for five minutes: the server's reason, and a failing exit."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "benchmarks.lsp_latency", "--model", str(tmp_path / "missing"),
+                             "--sessions", "1", "--chars", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0
+    assert "the engine could not start" in result.stderr and "missing" in result.stderr
