@@ -5,7 +5,7 @@ grammar wheels (`tree-sitter-python`, `tree-sitter-javascript`, ...), else there
 to plain text. Node-type tables cover Python, JavaScript, TypeScript, Go, Rust, Java, C and C++. No LSP, no
 engine; the only state is the last tree parsed per document, so the next keystroke's parse is incremental
 (a full parse of an 80 KB file is ~10 ms, an incremental one under 1 ms). Parsing is serialised by one lock:
-a parser is not safe to share between threads and callers run in a thread pool.
+a parser is not safe to share between threads, and callers run on the event loop or in worker threads.
 """
 
 from __future__ import annotations
