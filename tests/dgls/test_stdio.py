@@ -1,0 +1,49 @@
+"""`dgls lsp` on stdio: an asyncio pipe reader where stdin is a pipe (every other LSP test), pygls' own reader
+where it is a regular file; both answer the same messages and exit as LSP says (1 without a `shutdown`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def frame(message: dict) -> bytes:
+    body = json.dumps(message).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def replies(output: bytes) -> list[dict]:
+    messages = []
+    while output:
+        header, _, rest = output.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", header).group(1))  # type: ignore[union-attr]
+        messages.append(json.loads(rest[:length]))
+        output = rest[length:]
+    return messages
+
+
+# All at once, as a file can only give them: the command may still run when `exit` arrives (its answer is then
+# dropped, quietly), and an `exit` without a `shutdown` ends with status 1.
+SESSION = b"".join(frame(m) for m in (
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "processId": None}},
+    {"jsonrpc": "2.0", "method": "initialized", "params": {}},
+    {"jsonrpc": "2.0", "id": 2, "method": "workspace/executeCommand", "params": {"command": "dgls.status"}},
+    {"jsonrpc": "2.0", "method": "exit"},
+))
+
+
+def test_stdin_from_a_pipe_and_from_a_file_serve_alike(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "dgls", "lsp", "--socket", str(tmp_path / "engine.sock")]
+    piped = subprocess.run(command, input=SESSION, capture_output=True, timeout=60)
+    session_file = tmp_path / "session.bin"
+    session_file.write_bytes(SESSION)
+    with session_file.open("rb") as stdin:
+        from_file = subprocess.run(command, stdin=stdin, capture_output=True, timeout=60)
+    for run in (piped, from_file):
+        assert run.returncode == 1 and b"Traceback" not in run.stderr, run.stderr.decode()
+        answers = {m["id"]: m for m in replies(run.stdout) if "id" in m}
+        assert answers[1]["result"]["capabilities"]["inlineCompletionProvider"] is not None
+        assert 2 not in answers or answers[2]["result"]["state"] in ("starting", "ready", "stopped")
