@@ -127,7 +127,7 @@ class Denoiser:
             return torch.full((batch, self.canvas_length), self.mask_token_id, dtype=torch.long, device=device)
         return torch.randint(0, self.vocab_size, (batch, self.canvas_length), device=device, generator=generator)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(
         self,
         cache_view: Any,
