@@ -7,8 +7,8 @@ A real LSP client (pygls `LanguageClient`) starts `dgls lsp` (which starts a pri
 files cut at a random line, and types the rest of that line one character at a time at typing speed: each
 keystroke is a `didChange` followed by an automatic `textDocument/inlineCompletion`, without waiting for the
 previous answer, as editors do. Every request is paired with the engine's own `total_ms` for its fill (the
-server's `dgls/status` names the document version of each finished fill). Reports, over the requests whose
-fill ran to the end in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
+`dgls/status` published after each answer names the document version of each finished fill). Reports, over
+the requests whose fill ran to the end in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
 `overhead_ratio` (end-to-end p50 / engine p50; it includes waiting for the engine to drop the previous
 keystroke's fill) and `overhead_ms_p50`; also `answered` (requests answered with a suggestion after
 post-processing), `stale_dropped` (answered empty without a finished fill: superseded by a newer keystroke)
@@ -38,11 +38,13 @@ from engine.client import EngineClient, EngineError, EngineUnavailable, wait_rea
 
 # end-to-end ms, answered with an item, the engine's ms for that fill, the server's round trip to the engine
 Timing = tuple[float, bool, float | None, float | None]
+Answer = tuple[float, bool, str, int]  # end-to-end ms, answered with an item, document, version
+Fills = dict[tuple[str, int], tuple[float, float | None]]  # (document, version) -> engine ms, round trip ms
 
 
 async def typing_session(client: LanguageClient, uri: str, text: str, line: int, typed: str, pause_s: float,
-                         timings: list[Timing], server_status: dict[str, Any]) -> None:
-    """Open `text`, then type `typed` at the end of `line`; record a `Timing` per keystroke's request."""
+                         answers: list[Answer]) -> None:
+    """Open `text`, then type `typed` at the end of `line`; record an `Answer` per keystroke's request."""
     client.text_document_did_open(types.DidOpenTextDocumentParams(
         text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
     column = len(text.split("\n")[line])
@@ -58,7 +60,7 @@ async def typing_session(client: LanguageClient, uri: str, text: str, line: int,
             text_document=types.TextDocumentIdentifier(uri=uri),
             position=types.Position(line=line, character=column + index + 1),
             context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))
-        pending.append(asyncio.ensure_future(timed_request(client, params, version, timings, server_status)))
+        pending.append(asyncio.ensure_future(timed_request(client, params, version, answers)))
         await asyncio.sleep(pause_s)
     await asyncio.gather(*pending)
     client.text_document_did_close(types.DidCloseTextDocumentParams(
@@ -66,18 +68,30 @@ async def typing_session(client: LanguageClient, uri: str, text: str, line: int,
 
 
 async def timed_request(client: LanguageClient, params: types.InlineCompletionParams, version: int,
-                        timings: list[Timing], server_status: dict[str, Any]) -> None:
-    """One request's latency, paired with the engine's own time for its fill. The server publishes `dgls/status`
-    right before it answers, on the same stream, with `lastFill` = {document, version, engineMs} of the newest
-    finished fill: when that names this request's document version, the fill was this request's."""
+                        answers: list[Answer]) -> None:
+    """One request's end-to-end latency; its engine time is paired later (see `pair`)."""
     started = time.perf_counter()
     result = await client.text_document_inline_completion_async(params)
     elapsed = (time.perf_counter() - started) * 1000
     items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
-    last = _as_dict(server_status.get("lastFill") or {})
-    ours = last.get("document") == params.text_document.uri and last.get("version") == version
-    timings.append((elapsed, bool(items), last.get("engineMs") if ours else None,
-                    last.get("roundTripMs") if ours else None))
+    answers.append((elapsed, bool(items), params.text_document.uri, version))
+
+
+def record_fill(fills: Fills, status: dict[str, Any]) -> None:
+    """The server publishes `dgls/status` after each answer, its `lastFill` naming the document version of the
+    newest fill the engine finished, with the engine's and the round trip's times."""
+    last = _as_dict(status.get("lastFill") or {})
+    if last.get("document") is not None and last.get("engineMs") is not None:
+        fills[(last["document"], last["version"])] = (last["engineMs"], last.get("roundTripMs"))
+
+
+def pair(answers: list[Answer], fills: Fills) -> list[Timing]:
+    """Each answer with its own fill's times; None for a request whose fill never finished (superseded)."""
+    timings: list[Timing] = []
+    for elapsed, has_item, uri, version in answers:
+        engine, trip = fills.get((uri, version), (None, None))
+        timings.append((elapsed, has_item, engine, trip))
+    return timings
 
 
 def cut_sessions(count: int, chars: int, seed: int) -> list[tuple[Path, str, int, str]]:
@@ -111,20 +125,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "completion": {"candidates": 1, "debounceMs": 0}}))
     client.initialized(types.InitializedParams())
     server_status: dict[str, Any] = {}
-    client.feature("dgls/status")(lambda params: server_status.update(_as_dict(params)))
+    fills: Fills = {}
+
+    def on_status(params: Any) -> None:
+        server_status.update(_as_dict(params))
+        record_fill(fills, server_status)
+
+    client.feature("dgls/status")(on_status)
     client.feature(types.WINDOW_LOG_MESSAGE)(lambda params: None)
     sessions = cut_sessions(args.sessions + 1, args.chars, args.seed)
-    timings: list[Timing] = []
+    answers: list[Answer] = []
     try:
         for number, (path, text, line, typed) in enumerate(sessions):
             print(f"session {number}/{args.sessions}: {path.name}:{line + 1} typing {typed!r}", file=sys.stderr)
-            run_timings: list[Timing] = []
+            run_answers: list[Answer] = []
             await typing_session(client, path.resolve().as_uri() + f"?session={number}", text, line, typed,
-                                 args.typing_ms / 1000, run_timings, server_status)
+                                 args.typing_ms / 1000, run_answers)
             if number:  # session 0 warms up the engine and the caches
-                timings.extend(run_timings)
+                answers.extend(run_answers)
             else:  # the server starts the engine on demand: wait until its model is loaded
                 await wait_for_engine(socket_path, server_status)
+        await asyncio.sleep(0.2)  # the last answer's status follows it
+        timings = pair(answers, fills)
         with EngineClient(socket_path, timeout=30) as engine:
             status = engine.status()
     finally:

@@ -71,7 +71,7 @@ async def suggest(
         hits = [hit for hit in session.cache.lookup(uri, text, offset) if hit.typed or not invoked]
         if hits:
             session.stats["cacheHits"] += 1
-            session.publish_status()
+            session.publish_status_after_answer()
             return Suggested(snapshot, offset, [Suggestion(h.text, h.overwrite) for h in hits[:1]],
                              [h.item_id for h in hits[:1]])
     options = session.options
@@ -90,7 +90,7 @@ async def suggest(
         seed=options.completion.seed, document=uri + channel, version=snapshot.version, priority="interactive",
     )
     result = await session.fill(uri + channel, request)
-    session.publish_status()
+    session.publish_status_after_answer()
     if result is None:
         session.stats["emptyAnswers"] += 1
         return None

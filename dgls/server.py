@@ -44,6 +44,12 @@ class DglsProtocol(LanguageServerProtocol):
             return
         super().handle_message(message)
 
+    def _send_response(self, msg_id: Any, result: Any | None = None, error: Any | None = None) -> None:
+        super()._send_response(msg_id, result, error)
+        session = getattr(self._server, "session", None)
+        if session is not None:
+            session.answered()  # a status due after this answer (Session.publish_status_after_answer)
+
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
     async def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams) -> Any:  # type: ignore[override]
         handler = self.fm.commands.get(params.command)

@@ -17,6 +17,7 @@ from lsprotocol import types
 
 from tests.dgls.conftest import (
     DEFAULT_MODEL,
+    _as_dict,
     change_document,
     engine_status,
     engine_suggestions,
@@ -255,3 +256,23 @@ async def test_tcp_transport(tmp_path) -> None:
     finally:
         server.kill()
         await server.wait()
+
+
+async def test_the_status_of_a_fill_follows_its_answer(options) -> None:
+    """The `dgls/status` that names a fill (`lastFill`: document, version, engine and round-trip times) goes out
+    right after that request's answer, not before it: its serialising and parsing stay off the answer's path."""
+    async with lsp_client(options) as client:
+        uri = "file:///work/demo/order.py"
+        open_document(client, uri, PY_TEXT, version=3)
+        await client.text_document_inline_completion_async(inline_params(uri, 5, 8, True))
+        before_answer = list(client.recorder.statuses)  # type: ignore[attr-defined]
+        status = await wait_for_status(client, lambda s: last_fill(s).get("version") == 3)
+        assert not [s for s in before_answer if last_fill(s).get("version") == 3]
+        fill = last_fill(status)
+        assert fill["document"].startswith(uri) and fill["roundTripMs"] >= fill["engineMs"] > 0
+
+
+def last_fill(status: dict[str, Any]) -> dict[str, Any]:
+    """A status's `lastFill` as a dict (pygls hands nested objects over as attribute objects)."""
+    fill = status.get("lastFill") or {}
+    return fill if isinstance(fill, dict) else _as_dict(fill)
