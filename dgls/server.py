@@ -157,9 +157,10 @@ def serve_stdio(server: LanguageServer) -> int:
 
     pygls' own `start_io` reads every header line and body on a worker thread (`run_in_executor` per read): 3-4
     thread round trips per message, ~1 ms of a keystroke's latency on a loaded 2-core machine. An asyncio pipe
-    reader hands the loop whole messages as they arrive. Where stdin is not a pipe, socket or terminal (a
-    regular file), pygls' `start_io` serves as before. Returns the exit status LSP asks for: 0 after a
-    `shutdown` request, else 1 (an `exit` without one, or the editor gone); pygls' `start_io` returns nothing."""
+    reader hands the loop whole messages as they arrive. Where stdin is not a pipe or socket of its own (a
+    file, a terminal, /dev/null, one socket for both directions), pygls' `start_io` serves as before. Returns
+    the exit status LSP asks for: 0 after a `shutdown` request, else 1 (an `exit` without one, or the editor
+    gone); pygls' `start_io` returns nothing."""
     if not _readable_by_event_loop(sys.stdin):
         server.start_io()
         return 0 if server.protocol._shutdown else 1
@@ -187,11 +188,14 @@ def serve_stdio(server: LanguageServer) -> int:
 
 
 def _readable_by_event_loop(stream: Any) -> bool:
+    """A pipe or socket of its own: the event loop makes it non-blocking, which must not reach stdout (one
+    socket or terminal for both) or a device epoll cannot watch (/dev/null)."""
     try:
-        mode = os.fstat(stream.fileno()).st_mode
+        stdin, stdout = os.fstat(stream.fileno()), os.fstat(sys.stdout.fileno())
     except (AttributeError, OSError, ValueError):
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+    own = (stdin.st_dev, stdin.st_ino) != (stdout.st_dev, stdout.st_ino)
+    return own and (stat.S_ISFIFO(stdin.st_mode) or stat.S_ISSOCK(stdin.st_mode))
 
 
 class _Stdout:

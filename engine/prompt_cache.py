@@ -97,10 +97,11 @@ class PromptCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, ...], CacheEntry] = OrderedDict()
+        self.total_bytes = 0  # kept as entries come and go: the engine's status reads it while fills run
 
     @property
     def nbytes(self) -> int:
-        return sum(entry.nbytes for entry in self.entries.values())
+        return self.total_bytes
 
     def longest_prefix(self, tokens: tuple[int, ...]) -> tuple[CacheEntry | None, int]:
         best, best_length = None, 0
@@ -114,12 +115,16 @@ class PromptCache:
 
     def put(self, tokens: tuple[int, ...], cache: DynamicCache) -> None:
         entry = CacheEntry(tokens=tokens, cache=cache, nbytes=cache_nbytes(cache))
-        self.entries.pop(tokens, None)
+        replaced = self.entries.pop(tokens, None)
+        if replaced is not None:
+            self.total_bytes -= replaced.nbytes
         if entry.nbytes > self.max_bytes:
             return
         self.entries[tokens] = entry
-        while self.nbytes > self.max_bytes:
-            self.entries.popitem(last=False)
+        self.total_bytes += entry.nbytes
+        while self.total_bytes > self.max_bytes:
+            self.total_bytes -= self.entries.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
         self.entries.clear()
+        self.total_bytes = 0

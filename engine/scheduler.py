@@ -204,4 +204,9 @@ class Scheduler:
             else:
                 job.future.set_result(result)  # type: ignore[arg-type]
 
-        job.loop.call_soon_threadsafe(settle)
+        if job.loop.is_closed():  # the engine stopped while this fill ran: nobody waits for it any more
+            return
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # closed between the check and the call
+            pass

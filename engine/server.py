@@ -86,6 +86,7 @@ class EngineServer:
         self.worker_host = worker_host  # where the scheduler's worker loop runs (see `serve`)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.model_thread: str | None = None  # where the model was loaded (status: `model_thread`)
+        self.stop_requested = False  # a stop signal arrived (see `serve`)
         self.model_dir = options.model or default_model_dir()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -110,6 +111,8 @@ class EngineServer:
         self.server = await asyncio.start_unix_server(self._connection, path=str(path), limit=MAX_FRAME_BYTES)
         os.chmod(path, 0o600)
         loop = self.loop = asyncio.get_running_loop()
+        if self.stop_requested:  # a signal came before there was a loop to tell
+            self.stopping.set()
         for sig in (signal.SIGTERM, signal.SIGINT):  # only possible on the main thread; else `serve` handles them
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
@@ -145,7 +148,7 @@ class EngineServer:
             warm_up = self.scheduler.start(warm_up=self.engine.warm_up)  # on the thread that will run the fills
             log.info("warm-up fill: %.0f ms", await asyncio.wrap_future(warm_up))
         except Exception as exc:  # CheckpointError or anything else: reported through status and every fill
-            self.load_error = str(exc)
+            self.load_error = str(exc) or type(exc).__name__  # never empty: clients test it for truth
             log.error("model failed to load: %s", exc)
             if self.scheduler is not None:
                 self.scheduler.stop()
@@ -313,8 +316,11 @@ def serve(options: ServeOptions) -> None:
             handoff.put(None)
 
     def stop(signum: int, frame: Any) -> None:
-        if server.loop is not None:
-            server.loop.call_soon_threadsafe(server.stopping.set)
+        server.stop_requested = True  # seen by `run` if its loop does not exist yet
+        loop = server.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: it is stopping anyway
+                loop.call_soon_threadsafe(server.stopping.set)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=event_loop, name="dgls-engine-io", daemon=True)

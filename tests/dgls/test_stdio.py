@@ -47,3 +47,11 @@ def test_stdin_from_a_pipe_and_from_a_file_serve_alike(tmp_path: Path) -> None:
         answers = {m["id"]: m for m in replies(run.stdout) if "id" in m}
         assert answers[1]["result"]["capabilities"]["inlineCompletionProvider"] is not None
         assert 2 not in answers or answers[2]["result"]["state"] in ("starting", "ready", "stopped")
+
+
+def test_stdin_from_dev_null_ends_the_session_at_once(tmp_path: Path) -> None:
+    """/dev/null is a character device epoll cannot watch: pygls' own reader serves it and sees the end."""
+    command = [sys.executable, "-m", "dgls", "lsp", "--socket", str(tmp_path / "engine.sock")]
+    with open("/dev/null", "rb") as stdin:
+        run = subprocess.run(command, stdin=stdin, capture_output=True, timeout=60)
+    assert run.returncode == 1 and b"Traceback" not in run.stderr  # no `shutdown` came

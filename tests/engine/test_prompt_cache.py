@@ -69,3 +69,30 @@ def test_common_prefix_length_equals_a_token_by_token_scan() -> None:
         a = tuple(rng.randint(0, 3) for _ in range(rng.randint(0, 40)))
         b = a[: rng.randint(0, len(a))] + tuple(rng.randint(0, 3) for _ in range(rng.randint(0, 10)))
         assert common_prefix_length(a, b) == scan(a, b) == common_prefix_length(b, a)
+
+
+def test_the_byte_total_follows_puts_replacements_evictions_and_clear() -> None:
+    """The engine's status reads `nbytes` from the event loop while fills put entries on the model thread, so it
+    is a running total (summing the entries then raised 'mutated during iteration'); it must stay exact."""
+    import torch
+
+    from engine.prompt_cache import PromptCache, new_recording_cache
+    from tests.engine.test_lean_forward import tiny_model
+
+    config = tiny_model().config.get_text_config(decoder=True)
+
+    def encoded(length: int):
+        cache = new_recording_cache(config)
+        for index in range(config.num_hidden_layers):
+            states = torch.zeros(1, 1, length, 32)
+            cache.update(states, states, index)
+        return cache
+
+    cache = PromptCache(max_bytes=3 * 3 * 2 * 20 * 32 * 4)  # three 20-token entries (3 layers, keys and values)
+    for step, length in enumerate([20, 20, 10, 20, 20, 5]):
+        cache.put((step,) * length, encoded(length))
+        cache.put((step,) * length, encoded(length))  # the same prompt again replaces, never double-counts
+        assert cache.nbytes == sum(entry.nbytes for entry in cache.entries.values()) <= cache.max_bytes
+    assert len(cache.entries) < 6  # the oldest were evicted
+    cache.clear()
+    assert cache.nbytes == 0 and not cache.entries

@@ -277,3 +277,15 @@ async def test_warm_up_and_fills_run_on_the_same_worker_thread(tiny_model_dir) -
         await asyncio.wrap_future(scheduler.start(warm_up=broken))
     assert (await scheduler.submit(FillRequest(prefix=PREFIX, deadline_ms=30_000)).future).steps >= 1
     scheduler.stop()
+
+
+def test_a_fill_ending_after_the_engine_stopped_settles_nothing() -> None:
+    """The engine may stop (shutdown, a signal) while a fill still runs on the main thread; when that fill
+    returns, its event loop is closed: settling its future must neither raise nor be attempted."""
+    from engine.scheduler import Job, Scheduler
+
+    loop = asyncio.new_event_loop()
+    job = Job((0, 0), FillRequest(prefix=PREFIX), loop.create_future(), loop)
+    loop.close()
+    Scheduler._resolve(job, error=None, result=None)  # raised "Event loop is closed" on the main thread before
+    assert not job.future.done()
