@@ -215,14 +215,11 @@ class Engine:
         )
 
     def _encode(self, tokens: tuple[int, ...], use_cache: bool) -> tuple[Any, int]:
-        """Full (past-recording) cache for `tokens`, reusing the longest cached prefix when allowed."""
-        entry, reused = self.cache.longest_prefix(tokens) if use_cache else (None, 0)
-        if entry is not None and reused:
-            cache = sliced_cache(entry.cache, reused, self.text_config)
-        else:
-            cache, reused = new_recording_cache(self.text_config), 0
+        """Full (past-recording) cache for `tokens` through transformers' encoder, reusing the longest cached
+        prefix when allowed."""
+        prompt, reused = self._reuse(tokens, use_cache)
+        cache, new_ids = prompt.cache, prompt.pending
         if reused < len(tokens):
-            new_ids = torch.tensor([tokens[reused:]], dtype=torch.long, device=self.model.device)
             positions = torch.arange(reused, len(tokens), dtype=torch.int32, device=self.model.device).unsqueeze(0)
             attention = torch.ones((1, len(tokens)), dtype=torch.bool, device=self.model.device)
             masks = self.model.model.encoder.create_masks_for_generate(
