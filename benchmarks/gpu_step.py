@@ -122,6 +122,7 @@ def measure(config: dict[str, Any], scheme: str, layers: int, args: argparse.Nam
     from transformers import DiffusionGemmaConfig
 
     from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
+    from engine.hf_compat import returned_cache, with_cache
     from engine.prompt_cache import decode_view, new_recording_cache
 
     hf_config = DiffusionGemmaConfig(**with_layers(config, layers))
@@ -148,11 +149,11 @@ def measure(config: dict[str, Any], scheme: str, layers: int, args: argparse.Nam
         cache = new_recording_cache(text)
         masks = model.model.encoder.create_masks_for_generate(
             config=hf_config, inputs_embeds=torch.empty((1, prompt, 0), dtype=dtype, device=device),
-            attention_mask=torch.ones((1, prompt), dtype=torch.bool, device=device), past_key_values=cache,
-            position_ids=positions,
+            attention_mask=torch.ones((1, prompt), dtype=torch.bool, device=device), position_ids=positions,
+            **with_cache(cache),
         )
-        return model.model.encoder(input_ids=ids, attention_mask=masks, past_key_values=cache,
-                                   position_ids=positions).past_key_values
+        return returned_cache(model.model.encoder(input_ids=ids, attention_mask=masks, position_ids=positions,
+                                                  **with_cache(cache)))
 
     with torch.no_grad():
         prefill_ms = timer.median_ms(prefill, args.warmup, args.repeats)
@@ -160,14 +161,14 @@ def measure(config: dict[str, Any], scheme: str, layers: int, args: argparse.Nam
         canvas_ids = torch.randint(0, vocab, (batch, canvas), device=device, generator=generator)
         canvas_positions = torch.arange(prompt, prompt + canvas, dtype=torch.int32, device=device).unsqueeze(0)
         mask = model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=hf_config, inputs_embeds=canvas_ids.unsqueeze(-1), past_key_values=view,
+            config=hf_config, inputs_embeds=canvas_ids.unsqueeze(-1), **with_cache(view),
             decoder_attention_mask=torch.ones((batch, prompt + canvas), dtype=torch.bool, device=device),
         )
         self_conditioning = torch.randn((batch, canvas, vocab), device=device, generator=generator).to(dtype)
 
         def decoder_step() -> torch.Tensor:
             return model(decoder_input_ids=canvas_ids, self_conditioning_logits=self_conditioning,
-                         decoder_attention_mask=mask, past_key_values=view,
+                         decoder_attention_mask=mask, **with_cache(view),
                          decoder_position_ids=canvas_positions).logits  # [B, C, V] float32
 
         step_ms = timer.median_ms(decoder_step, args.warmup, args.repeats)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from engine.hf_compat import with_cache
 from engine.lean_decoder import PromptKV
 from engine.lean_forward import LeanForward
 
@@ -256,14 +257,14 @@ class Denoiser:
         mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
             config=model.config,
             inputs_embeds=torch.zeros((batch, self.canvas_length, 1), dtype=torch.long, device=device),
-            past_key_values=prompt,
+            **with_cache(prompt),
             decoder_attention_mask=torch.ones((batch, prompt_length + self.canvas_length), dtype=torch.bool,
                                               device=device),
         )
 
         def decode(canvas: torch.Tensor, self_conditioning: Any) -> torch.Tensor:
             return model(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
-                         decoder_attention_mask=mask_mapping, past_key_values=prompt,
+                         decoder_attention_mask=mask_mapping, **with_cache(prompt),
                          decoder_position_ids=positions.unsqueeze(0)).logits
 
         return decode

@@ -18,6 +18,7 @@ import torch
 from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
 from engine.fast_step import FastStep, select_denoiser
 from engine.fill import FillRequest, FillRequestError, FillResult
+from engine.hf_compat import returned_cache, with_cache
 from engine.lean_decoder import PromptKV
 from engine.lean_forward import select_forward
 from engine.loading import LoadedModel
@@ -227,12 +228,12 @@ class Engine:
                 inputs_embeds=torch.empty((1, len(tokens) - reused, 0), dtype=self.model.dtype,
                                           device=self.model.device),
                 attention_mask=attention,
-                past_key_values=cache,
+                **with_cache(cache),
                 position_ids=positions,
             )
-            cache = self.model.model.encoder(
-                input_ids=new_ids, attention_mask=masks, past_key_values=cache, position_ids=positions
-            ).past_key_values
+            cache = returned_cache(self.model.model.encoder(
+                input_ids=new_ids, attention_mask=masks, position_ids=positions, **with_cache(cache)
+            ))
         if use_cache:
             self.cache.put(tokens, cache)
         return cache, reused

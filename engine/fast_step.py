@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from engine.denoiser import DenoiseControl, DenoiseOutput, Denoiser, token_entropy
+from engine.hf_compat import with_cache
 
 log = logging.getLogger("dgls.engine")
 FAST_STEP_MODES = ("auto", "on", "off")
@@ -174,8 +175,8 @@ class FastStep:
             self_conditioning_logits=e.self_conditioning,
             self_conditioning_mask=e.conditioned,
             decoder_attention_mask=e.masks,
-            past_key_values=e.view,
             decoder_position_ids=e.positions,
+            **with_cache(e.view),
         ).logits  # [B, C, V] float32
         processed = logits * e.temperature if self.reciprocal else logits / e.temperature
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32).view(-1, self.vocab_size)

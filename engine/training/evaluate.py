@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
 
+from engine.hf_compat import returned_cache, with_cache
 from engine.training.examples import CANVAS_LENGTH, PREFIX_TOKENS, SUFFIX_TOKENS, prompt_text
 from engine.training.tokenizer import EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, MASK_ID, PAD_ID
 
@@ -40,12 +41,12 @@ def infill(model: DiffusionGemmaForBlockDiffusion, ids: list[int], steps: int, t
            entropy_bound: float) -> list[int]:
     """Denoise an all-mask canvas; returns the middle's token ids (before the first <eos>)."""
     prompt = torch.tensor([ids])
-    cache = model.model.encoder(input_ids=prompt).past_key_values
+    cache = returned_cache(model.model.encoder(input_ids=prompt))
     canvas = torch.full((1, CANVAS_LENGTH), MASK_ID, dtype=torch.long)  # canvas: [1, C]
     positions = torch.arange(len(ids), len(ids) + CANVAS_LENGTH)[None]
     previous = None
     for step in range(steps):
-        logits = model(past_key_values=cache, decoder_input_ids=canvas, decoder_position_ids=positions,
+        logits = model(**with_cache(cache), decoder_input_ids=canvas, decoder_position_ids=positions,
                        self_conditioning_logits=previous).logits  # [1, C, V]
         previous = logits
         logits = logits.clone()

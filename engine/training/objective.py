@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DiffusionGemmaForBlockDiffusion
 
+from engine.hf_compat import returned_cache, with_cache
 from engine.training.examples import Batch
 from engine.training.tokenizer import MASK_ID
 
@@ -49,11 +50,11 @@ def forward(model: DiffusionGemmaForBlockDiffusion, batch: Batch, noisy: torch.T
     encoded = model.model.encoder(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
     )
-    cache = encoded.past_key_values
+    cache = returned_cache(encoded)
     if copies > 1:
         cache.batch_repeat_interleave(copies)
     decoder_kwargs = dict(
-        past_key_values=cache, decoder_input_ids=noisy,
+        **with_cache(cache), decoder_input_ids=noisy,
         decoder_attention_mask=batch.decoder_attention_mask.repeat_interleave(copies, 0),
         decoder_position_ids=batch.decoder_position_ids.repeat_interleave(copies, 0),
     )

@@ -164,6 +164,13 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(getattr(value, "__dict__", {}))
 
 
+async def server_status(client: LanguageClient) -> dict[str, Any]:
+    """The server's status as of now (the `dgls.status` command; the notification follows each answer, so the
+    last one recorded may not be in yet)."""
+    status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="dgls.status"))
+    return status if isinstance(status, dict) else _as_dict(status)
+
+
 async def wait_for_status(
     client: LanguageClient, predicate: Any, timeout: float = 60, after: dict[str, Any] | None = None
 ) -> dict[str, Any]:

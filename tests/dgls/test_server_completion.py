@@ -24,6 +24,7 @@ from tests.dgls.conftest import (
     inline_params,
     lsp_client,
     open_document,
+    server_status,
     wait_for_status,
 )
 
@@ -137,7 +138,7 @@ async def test_inline_completion(options, engine_socket, language) -> None:
 async def test_completion_fallback_returns_one_text_edit(options) -> None:
     async with lsp_client({**options, "completion": {"candidates": 1}}) as client:
         found = await find_suggestion(client, "fallback")
-        calls = client.recorder.statuses[-1]["engineCalls"]
+        calls = (await server_status(client))["engineCalls"]
         result = await client.text_document_completion_async(types.CompletionParams(
             text_document=types.TextDocumentIdentifier(uri=found.uri),
             position=types.Position(found.line, found.column),
@@ -158,7 +159,7 @@ async def test_typing_through_a_suggestion_is_answered_from_the_cache(options, e
     async with lsp_client(options) as client:
         found = await find_suggestion(client, "typed", minimum=2)
         served = engine_status(engine_socket)["requests_served"]
-        calls = client.recorder.statuses[-1]["engineCalls"]  # sent before the reply: up to date
+        calls = (await server_status(client))["engineCalls"]
         position = types.Position(found.line, found.column)
         change_document(client, found.uri, 2, found.suggestion[0], types.Range(position, position))
         result = await client.text_document_inline_completion_async(
@@ -258,18 +259,56 @@ async def test_tcp_transport(tmp_path) -> None:
         await server.wait()
 
 
-async def test_the_status_of_a_fill_follows_its_answer(options) -> None:
-    """The `dgls/status` that names a fill (`lastFill`: document, version, engine and round-trip times) goes out
-    right after that request's answer, not before it: its serialising and parsing stay off the answer's path."""
-    async with lsp_client(options) as client:
-        uri = "file:///work/demo/order.py"
-        open_document(client, uri, PY_TEXT, version=3)
-        await client.text_document_inline_completion_async(inline_params(uri, 5, 8, True))
-        before_answer = list(client.recorder.statuses)  # type: ignore[attr-defined]
-        status = await wait_for_status(client, lambda s: last_fill(s).get("version") == 3)
-        assert not [s for s in before_answer if last_fill(s).get("version") == 3]
-        fill = last_fill(status)
+def test_the_status_of_a_fill_follows_its_answer(options) -> None:
+    """On the wire, the `dgls/status` naming a fill (`lastFill`: document, version, engine and round-trip times)
+    comes right after that request's answer, not before it: its serialising and parsing stay off the answer's
+    path. Read as raw frames, since a client library may hand over a reply after messages that followed it."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.dgls.test_stdio import frame
+
+    uri = "file:///work/demo/order.py"
+    process = subprocess.Popen([sys.executable, "-m", "dgls", "lsp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+
+    def send(message: dict[str, Any]) -> None:
+        process.stdin.write(frame({"jsonrpc": "2.0", **message}))  # type: ignore[union-attr]
+        process.stdin.flush()  # type: ignore[union-attr]
+
+    def receive() -> dict[str, Any]:
+        length = 0
+        while (line := process.stdout.readline().strip()) != b"":  # type: ignore[union-attr]
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return json.loads(process.stdout.read(length))  # type: ignore[union-attr]
+
+    try:
+        send({"id": 1, "method": "initialize", "params": {"capabilities": {}, "processId": None,
+                                                          "initializationOptions": options}})
+        send({"method": "initialized", "params": {}})
+        while receive().get("params", {}).get("state") != "ready":
+            pass
+        send({"method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": uri, "languageId": "python", "version": 3, "text": PY_TEXT}}})
+        send({"id": 2, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": uri}, "position": {"line": 5, "character": 8},
+            "context": {"triggerKind": 1}}})
+        arrived: list[str] = []
+        while "status" not in arrived:
+            message = receive()
+            if message.get("id") == 2:
+                arrived.append("answer")
+            elif message.get("method") == "dgls/status" and (message["params"].get("lastFill") or {}).get(
+                    "version") == 3:
+                arrived.append("status")
+                fill = message["params"]["lastFill"]
+        assert arrived == ["answer", "status"]
         assert fill["document"].startswith(uri) and fill["roundTripMs"] >= fill["engineMs"] > 0
+    finally:
+        process.kill()
+        process.wait()
 
 
 def last_fill(status: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from tests.dgls.conftest import (
     inline_params,
     lsp_client,
     open_document,
+    server_status,
     wait_engine,
     wait_for_status,
 )
@@ -170,7 +171,7 @@ async def test_engine_killed_mid_request_answers_empty_restarts_and_recovers(opt
         begun = [value.title for reports in client.progress_reports.values() for value in reports
                  if isinstance(value, types.WorkDoneProgressBegin)]
         assert "dgls: restarting the engine" in begun  # work-done progress while the new engine loads
-        calls = client.recorder.statuses[-1]["engineCalls"]
+        calls = (await server_status(client))["engineCalls"]
         again = await client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN, invoked=True))
         assert again is not None
         status = await wait_for_status(client, lambda s: s["engineCalls"] == calls + 1)

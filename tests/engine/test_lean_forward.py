@@ -12,6 +12,7 @@ import torch
 from engine.denoiser import Denoiser, SamplerSettings
 from engine.engine import Engine
 from engine.fill import FillRequest
+from engine.hf_compat import returned_cache, with_cache
 from engine.lean_decoder import PromptKV
 from engine.lean_forward import LeanForward, select_forward
 from engine.loading import load_checkpoint
@@ -62,11 +63,11 @@ def transformers_encode(model: Any, ids: list[int]) -> Any:
     positions = torch.arange(len(ids)).unsqueeze(0)
     masks = model.model.encoder.create_masks_for_generate(
         config=model.config, inputs_embeds=torch.empty((1, len(ids), 0), dtype=model.dtype),
-        attention_mask=torch.ones((1, len(ids)), dtype=torch.bool), past_key_values=cache, position_ids=positions,
+        attention_mask=torch.ones((1, len(ids)), dtype=torch.bool), position_ids=positions, **with_cache(cache),
     )
     with torch.no_grad():
-        return model.model.encoder(input_ids=input_ids, attention_mask=masks, past_key_values=cache,
-                                   position_ids=positions).past_key_values
+        return returned_cache(model.model.encoder(input_ids=input_ids, attention_mask=masks, position_ids=positions,
+                                                  **with_cache(cache)))
 
 
 def transformers_steps(model: Any, full: Any, length: int, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
