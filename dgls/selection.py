@@ -19,7 +19,8 @@ from typing import Any
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
-from dgls.context import CHARS_PER_TOKEN, build_context
+from dgls.context import CHARS_PER_TOKEN
+from dgls.inline import context_for
 from dgls.postprocess import postprocess
 from dgls.session import Session, current_command
 from dgls.snapshot import DocumentSnapshot
@@ -82,8 +83,8 @@ async def run(session: Session, arguments: tuple[Any, ...], rewrite: bool) -> di
                                             f"longer than the model's {canvas}-token canvas; select less"}
     gap_text = snapshot.text[:start] + snapshot.text[end:]
     options = session.options
-    context = await asyncio.to_thread(
-        build_context, gap_text, start, span.start.line, snapshot.language_id, snapshot.path,
+    context = await context_for(
+        gap_text, start, span.start.line, snapshot.language_id, snapshot.path,
         options.context.prefix_tokens, options.context.suffix_tokens, options.context.extra_tokens,
     )
     context.mode = "block" if "\n" in selected or not context.line_rest.strip() else "line"
