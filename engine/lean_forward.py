@@ -177,13 +177,14 @@ class LeanForward:
         self.top_k = int(self.config.top_k_experts)
         self.gelu_tanh = self.config.hidden_activation == "gelu_pytorch_tanh"
         self.layers = [self._describe(layer) for layer in self.decoder.layers]
-        self.encoder_layers = [self._describe(layer) for layer in self.encoder.layers]
         self._rope_tables: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         # rotary tables can be reused unless their values depend on the longest position of a call
         self.rope_reusable = not set(self.decoder.rotary_emb.rope_type.values()) & set(DYNAMIC_ROPE)
         # the first step can run pending prompt tokens through the decoder's layers only if they are the encoder's
         self.shared_layers = all(_same_weights(a, b) for a, b in zip(self.encoder.layers, self.decoder.layers,
                                                                        strict=True))
+        self.encoder_layers = self.layers if self.shared_layers else [self._describe(layer)
+                                                                      for layer in self.encoder.layers]
 
     @staticmethod
     def unsupported(model: Any) -> str | None:
