@@ -52,10 +52,11 @@ def build_config(preset: str = "small", vocab_size: int | None = None, **overrid
                                 **extra)
 
 
-def build_model(config: DiffusionGemmaConfig, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
-    """A freshly initialized fp32 model (sdpa attention)."""
+def build_model(config: DiffusionGemmaConfig, seed: int = 0, attention: str = "sdpa"
+                ) -> DiffusionGemmaForBlockDiffusion:
+    """A freshly initialized fp32 model (``attention``: transformers' attention implementation)."""
     torch.manual_seed(seed)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     return DiffusionGemmaForBlockDiffusion(config).float()
 
 

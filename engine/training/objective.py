@@ -27,12 +27,16 @@ MIN_MASK_RATE = 0.05
 
 
 def add_noise(canvas: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noisy canvas, mask) with a per-example mask rate; at least one position is masked per row."""
+    """(noisy canvas, mask) with a per-example mask rate; at least one position is masked per row.
+
+    Drawn from ``generator`` (a CPU generator: the same draws on any device), then moved to the canvas' device.
+    """
     batch, length = canvas.shape
     rate = MIN_MASK_RATE + (1 - MIN_MASK_RATE) * torch.rand(batch, 1, generator=generator)
     mask = torch.rand(batch, length, generator=generator) < rate
     forced = torch.randint(0, length, (batch,), generator=generator)
     mask[torch.arange(batch), forced] = True
+    mask = mask.to(canvas.device)
     return torch.where(mask, torch.full_like(canvas, MASK_ID), canvas), mask
 
 
@@ -85,7 +89,7 @@ def losses(model: DiffusionGemmaForBlockDiffusion, batch: Batch, generator: torc
     ``encoder_ar``: the encoder's next-token CE (only computed when ``ar_weight`` > 0); ``total``."""
     clean = batch.canvas.repeat_interleave(noise_copies, 0)
     noisy, mask = add_noise(clean, generator)
-    use_sc = torch.rand(clean.shape[0], generator=generator) < self_conditioning_rate
+    use_sc = (torch.rand(clean.shape[0], generator=generator) < self_conditioning_rate).to(clean.device)
     logits, hidden = forward(model, batch, noisy, use_sc)
     logits = logits.clone()
     logits[..., MASK_ID] = float("-inf")  # the model never emits <mask>

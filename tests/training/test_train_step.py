@@ -92,3 +92,81 @@ def test_export_reloads_with_transformers(tokenizer: PreTrainedTokenizerFast, tm
     assert loaded_tokenizer.mask_token_id == MASK_ID
     export.write(model, tokenizer, target)  # overwriting an existing export leaves no staging dirs behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default_model"]
+
+
+def test_noise_follows_the_canvas_device_with_the_same_draws() -> None:
+    """The noise is drawn on the CPU generator and lands where the canvas is (a CUDA run trains on the same draws)."""
+    canvas = torch.arange(64).reshape(4, 16) + 10
+    on_cpu, cpu_mask = objective.add_noise(canvas, torch.Generator().manual_seed(3))
+    on_meta, meta_mask = objective.add_noise(canvas.to("meta"), torch.Generator().manual_seed(3))
+    assert on_meta.device.type == "meta" and meta_mask.device.type == "meta"
+    assert cpu_mask.any(dim=1).all() and (on_cpu[cpu_mask] == MASK_ID).all()
+    assert (on_cpu[~cpu_mask] == canvas[~cpu_mask]).all()
+
+
+def test_worker_processes_make_batches_from_their_own_streams(tokenizer: PreTrainedTokenizerFast) -> None:
+    from engine.training import train
+    from engine.training.corpus import SourceFile
+
+    files = [SourceFile(path=f"f{i}.py", text=text, language="python", package="p", license="MIT")
+             for i, text in enumerate(SAMPLE_TEXTS)]
+    args = train.parse_args(["--out", "unused", "--steps", "1", "--batch-size", "4", "--workers", "2"])
+    stream = train.batch_stream(args, tokenizer, files, step=0)
+    first, second = next(stream), next(stream)  # one from each worker (the loader alternates)
+    for batch in (first, second):
+        assert batch.input_ids.shape[0] == 4 and batch.canvas.shape == (4, examples.CANVAS_LENGTH)
+    assert not torch.equal(first.canvas, second.canvas)
+    in_process = next(train.batch_stream(train.parse_args(["--out", "unused", "--steps", "1", "--batch-size", "4"]),
+                                         tokenizer, files, step=0))
+    assert torch.equal(in_process.canvas, first.canvas)  # worker 0 draws what the training process would
+
+
+
+def _run_dir(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> tuple[Path, Path]:
+    from engine.training import corpus
+    from engine.training.corpus import SourceFile
+
+    files = [SourceFile(path=f"p/f{i}.py", text=text, language="python", package="p", license="MIT")
+             for i, text in enumerate(SAMPLE_TEXTS * 3)]
+    data = tmp_path / "corpus"
+    data.mkdir()
+    corpus.save(files, data / "train.jsonl")
+    corpus.save(files[:2], data / "heldout.jsonl")
+    (data / "sources.json").write_text(json.dumps({"train": {}, "heldout": {}}))
+    out = tmp_path / "run"
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    return data, out
+
+
+def test_a_short_run_exports_a_model_that_loads(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    from engine.training import train
+
+    data, out = _run_dir(tmp_path, tokenizer)
+    train.main(["--out", str(out), "--corpus", str(data), "--preset", "tiny", "--steps", "4", "--batch-size", "4",
+                "--log-every", "2", "--eval-every", "2", "--sdpa-kernels", "efficient,math"])
+    record = json.loads((out / "model" / "TRAINING.json").read_text())
+    assert record["steps"] == 4 and record["nonfinite_steps_skipped"] == 0 and record["sdpa_kernels"] == "efficient,math"
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(out / "model"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert train.parse_args(["--out", "x", "--steps", "1", "--device", "cuda"]).sdpa_kernels == train.CUDA_SDPA_KERNELS
+
+
+def test_a_diverging_run_stops_with_a_clear_error_instead_of_exporting_nan(
+        tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    import pytest
+
+    from engine.training import train
+
+    data, out = _run_dir(tmp_path, tokenizer)
+    with pytest.raises(SystemExit, match="non-finite loss or gradient"):
+        train.main(["--out", str(out), "--corpus", str(data), "--preset", "tiny", "--steps", "40", "--batch-size", "4",
+                    "--lr", "1e30", "--warmup", "1", "--eval-every", "1000"])
+    assert not (out / "model").exists()
+
+
+SAMPLE_TEXTS = [
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n    def norm(self):\n"
+    "        return (self.x ** 2 + self.y ** 2) ** 0.5\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n    else:\n        continue\nprint('done')\n",
+]
