@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(load_checkpoint(args.model, device=args.device))
     cuts = cut_requests(default_files(), args.requests, seed=args.seed)
     engine.fill(to_request(cuts[0], "warm-up"))  # warm-up
-    engine.model.generate(torch.tensor([engine.builder.render(to_request(cuts[0], "w"))]), max_new_tokens=8)
+    engine.model.generate(torch.tensor([engine.builder.render(to_request(cuts[0], "w"))], device=engine.model.device),
+                          max_new_tokens=8)
 
     cold, warm, ours, theirs, steps, tpf, saved = [], [], [], [], [], [], []
     through, through_cold = [], []

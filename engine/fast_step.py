@@ -223,8 +223,7 @@ class FastStep:
         temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
         if not self.reciprocal:
             return temperature
-        one, divisor = torch.tensor(1.0, dtype=torch.float32), torch.tensor(temperature, dtype=torch.float32)
-        return float(one / divisor)  # on the host, as CUDA's `tensor / python_float` computes it
+        return _float32_reciprocal(temperature)
 
     def _read_flags(self, e: StepBuffers) -> list[bool]:
         if e.host_flags is None:
@@ -351,12 +350,18 @@ class FastStep:
             return None
 
 
+def _float32_reciprocal(value: float) -> float:
+    """1 / value in double precision, rounded to float32: the factor CUDA multiplies by for `tensor / value`
+    (measured on an H200, torch 2.11: the float32 quotient 1f / float32(value) differs for 0.5333 and 1.1)."""
+    return float(torch.tensor(1.0 / value, dtype=torch.float32))
+
+
 def _divides_by_reciprocal(device: torch.device) -> bool:
-    """Whether `tensor / python_float` multiplies by the float32 reciprocal on `device` (CUDA does); the step
+    """Whether `tensor / python_float` multiplies by `_float32_reciprocal` on `device` (CUDA does); the step
     then does the same with a device scalar, so its tempered logits have the reference's bits."""
     values = torch.randn(1 << 14, generator=torch.Generator().manual_seed(0)).mul_(30).to(device)
-    for temperature in (0.4125, 0.5333, 0.7, 0.7999):
-        reciprocal = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temperature, dtype=torch.float32)
-        if not torch.equal(values / temperature, values * reciprocal.to(device)):
+    for temperature in (0.4125, 0.5333, 0.7, 0.7999, 1.1):
+        reciprocal = torch.tensor(_float32_reciprocal(temperature), dtype=torch.float32, device=device)
+        if not torch.equal(values / temperature, values * reciprocal):
             return False
     return True
