@@ -8,12 +8,16 @@ Reports (median over requests of the median over repeats, after a warm-up):
   -> `warm_over_cold`;
 - the dgls engine's fill vs `model.generate(...)` from transformers on the same model, prompt and sampler
   settings, both warm in-process -> `dgls_over_transformers`, with `agreement` (share of identical outputs)
-  and exact match of both against the reference middles;
+  and exact match and edit similarity of both against the reference middles (`generate` knows only uniform
+  noise: for an absorbing-noise model such as the shipped one it runs another algorithm, so `agreement` is
+  low there and the similarities say which answers better);
+- `forward_agreement`: share of identical fills from the engine with its forward and with transformers'
+  forward (`lean_forward="off"`), same requests and seeds: the same algorithm, so 1.0 unless a near-tie flips;
 - `typed_through_ms` (the same document after typing the first character of its own suggestion: the engine
   starts from the rest of that suggestion) -> `typed_through_over_cold`, over the requests with a suggestion;
 - `tokens_per_forward`, `steps_mean`, `early_commit_saved_steps`;
-- `cancel_ms`: from a cancel to the engine being idle (median of 5 fills cancelled mid-step), and the same in
-  denoising steps (`cancel_steps`);
+- `cancel_ms`: from a cancel to the engine being idle (median of 5 fills, made long by a one-token-a-step
+  sampler, cancelled mid-step), and the same in denoising steps (`cancel_steps`); null if none was cancelled;
 - `forward` (`lean` or `transformers`: engine/lean_forward.py), and side by side in the same run with
   transformers' forward: `decoder_step_ms` vs `transformers_decoder_step_ms` (one step over the same canvas and
   prompt) and `warm_over_cold_transformers_forward` (the cold/warm pair again with `lean_forward="off"`).
@@ -23,6 +27,8 @@ Progress goes to stderr; the last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import platform
 import statistics
@@ -66,6 +72,11 @@ def generate_text(engine: Engine, request: FillRequest) -> str:
     return engine._finish_text(tokens, request.mode)
 
 
+def similarity(text: str, reference: str) -> float:
+    """Edit similarity of a completion to the reference middle (difflib ratio of the stripped texts)."""
+    return difflib.SequenceMatcher(None, text.strip(), reference.strip()).ratio()
+
+
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 2)
 
@@ -89,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     cold, warm, ours, theirs, steps, tpf, saved = [], [], [], [], [], [], []
     through, through_cold = [], []
     agree = dgls_exact = hf_exact = 0
+    dgls_similarity = hf_similarity = 0.0
     for index, cut in enumerate(cuts):
         cold_runs, warm_runs, through_runs = [], [], []
         for repeat in range(args.repeats):
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         agree += result.text == hf_text
         dgls_exact += result.text.strip() == cut.middle.strip()
         hf_exact += hf_text.strip() == cut.middle.strip()
+        dgls_similarity += similarity(result.text, cut.middle)
+        hf_similarity += similarity(hf_text, cut.middle)
         print(f"[{index + 1}/{len(cuts)}] cold {cold[-1]:.0f} ms warm {warm[-1]:.0f} ms dgls {ours[-1]:.0f} ms "
               f"generate {theirs[-1]:.0f} ms", file=sys.stderr)
 
@@ -137,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         pair = [cold_and_warm(reference, cut, f"ref{index}-{repeat}", repeat) for repeat in range(args.repeats)]
         reference_cold.append(statistics.median(cold for cold, _ in pair))
         reference_warm.append(statistics.median(warm for _, warm in pair))
+    forward_agree = sum(engine.fill(to_request(cut, f"same{index}", seed=args.seed)).text
+                        == reference.fill(to_request(cut, f"same{index}", seed=args.seed)).text
+                        for index, cut in enumerate(cuts))
     step_ms, reference_step_ms = decoder_steps(engine, reference, cuts[0], args.repeats * 5)
     if args.plot:
         from benchmarks.plots import latency_histogram
@@ -161,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         "agreement": round(agree / n, 3),
         "dgls_exact_match": round(dgls_exact / n, 3),
         "transformers_exact_match": round(hf_exact / n, 3),
+        "dgls_edit_similarity": round(dgls_similarity / n, 3),
+        "transformers_edit_similarity": round(hf_similarity / n, 3),
+        "forward_agreement": round(forward_agree / n, 3),
         "tokens_per_forward": round(statistics.fmean(tpf), 3),
         "steps_mean": round(statistics.fmean(steps), 2),
         "early_commit_saved_steps": round(statistics.fmean(saved), 2),
@@ -204,14 +224,20 @@ def decoder_steps(engine: Engine, reference: Engine, cut: CutRequest, repeats: i
     return medians[0], medians[1]
 
 
-def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[float, float]:
+def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[float | None, float | None]:
     """Cancel a long fill from another thread half-way through its second denoising step; the median time until
     `fill` returns, in ms and in steps (against the median step of three uncancelled fills of the same request).
-    Cancellation is checked between steps; the prompt encode before them is not interruptible."""
+
+    The fill is made long by a sampler that accepts one token a step (entropy bound 0, no early commit): the
+    shipped model's own settings finish most fills in 1-2 steps, before a cancel could land. Its steps cost what
+    every step costs. Only fills that stopped because of the cancel count. Cancellation is checked between
+    steps; the prompt encode before them is not interruptible."""
+    slow = Engine(engine.loaded, settings=dataclasses.replace(engine.settings, entropy_bound=0.0, max_steps=32),
+                  lean_forward="on" if engine.describe()["forward"] == "lean" else "off")
     step_ms, before_ms = [], []
-    engine.fill(to_request(cut, "cancel", early_commit=False))  # the prompt is cached: every step is alike
+    slow.fill(to_request(cut, "cancel", early_commit=False))  # the prompt is cached: every step is alike
     for _ in range(3):
-        result = engine.fill(to_request(cut, "cancel", early_commit=False))
+        result = slow.fill(to_request(cut, "cancel", early_commit=False))
         step_ms.append(result.timings["denoise_ms"] / max(result.steps, 1))
         before_ms.append(result.timings["total_ms"] - result.timings["denoise_ms"])  # tokenize + encode
     step = statistics.median(step_ms)
@@ -228,13 +254,14 @@ def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[f
 
         thread = threading.Thread(target=cancel_later)
         thread.start()
-        engine.fill(to_request(cut, "cancel", early_commit=False), cancelled=flag.is_set)
+        result = slow.fill(to_request(cut, "cancel", early_commit=False), cancelled=flag.is_set)
         idle_at = time.perf_counter()
         thread.join()
-        if cancelled_at:  # else the fill finished before the cancel arrived
+        if result.cancelled:  # else the fill finished before the cancel arrived
             waits.append(max(0.0, (idle_at - cancelled_at[0]) * 1000))
     if not waits:
-        return 0.0, 0.0
+        print("cancel: every fill finished before its cancel arrived; cancel_ms is null", file=sys.stderr)
+        return None, None
     cancel_ms = statistics.median(waits)
     return round(cancel_ms, 2), round(cancel_ms / step, 2)
 

@@ -92,7 +92,7 @@ def evaluate(model: DiffusionGemmaForBlockDiffusion, tokenizer: PreTrainedTokeni
 
 GRID: dict[str, list[Any]] = {
     "max_denoising_steps": [8, 12, 16], "entropy_bound": [0.1, 0.5, 1.5],
-    "t_max": [0.5], "t_min": [0.1],
+    "t_max": [0.2, 0.5], "t_min": [0.1],
 }
 
 

@@ -7,7 +7,8 @@ from tests.benchmarks.runner import run_benchmark
 FIELDS = ("cold_ms", "warm_ms", "warm_over_cold", "dgls_over_transformers", "agreement", "dgls_exact_match",
           "transformers_exact_match", "tokens_per_forward", "steps_mean", "early_commit_saved_steps", "cancel_ms",
           "cancel_steps", "typed_through_requests", "typed_through_ms", "typed_through_over_cold", "forward",
-          "decoder_step_ms", "transformers_decoder_step_ms", "warm_over_cold_transformers_forward")
+          "decoder_step_ms", "transformers_decoder_step_ms", "warm_over_cold_transformers_forward",
+          "dgls_edit_similarity", "transformers_edit_similarity", "forward_agreement")
 
 
 def test_engine_latency_smoke(tiny_model_dir) -> None:
@@ -18,7 +19,9 @@ def test_engine_latency_smoke(tiny_model_dir) -> None:
     assert summary["cold_ms"] > 0 and summary["warm_ms"] > 0
     assert 0.0 <= summary["agreement"] <= 1.0
     assert summary["steps_mean"] >= 1 and summary["tokens_per_forward"] > 0
-    assert summary["cancel_ms"] >= 0
+    assert summary["cancel_ms"] is not None and summary["cancel_ms"] >= 0  # a fill was really cancelled
+    assert summary["forward_agreement"] >= 0.5  # the same algorithm through either forward
+    assert 0.0 <= summary["dgls_edit_similarity"] <= 1.0 and 0.0 <= summary["transformers_edit_similarity"] <= 1.0
     assert 0 <= summary["typed_through_requests"] <= 2
     assert (summary["typed_through_ms"] is None) == (summary["typed_through_requests"] == 0)
     assert summary["forward"] == "lean"  # and side by side with transformers' forward:
