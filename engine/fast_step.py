@@ -106,7 +106,9 @@ class FastStep:
         self.canvas_positions = torch.arange(self.canvas_length, device=self.device)  # [C]
         self.is_eos = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)  # [V] (isin may sync)
         self.is_eos[denoiser.eos_ids] = True
-        self.reciprocal = _divides_by_reciprocal(self.device)
+        s = denoiser.settings
+        schedule = [s.t_min + (s.t_max - s.t_min) * (step / s.max_steps) for step in range(1, s.max_steps + 1)]
+        self.reciprocal = _reciprocal_rule(self.device, schedule)  # None: the step divides like the reference
         self.pool: Any = None  # one CUDA graph memory pool shared by every capture (replays never overlap)
 
     @staticmethod
@@ -178,7 +180,7 @@ class FastStep:
             decoder_position_ids=e.positions,
             **with_cache(e.view),
         ).logits  # [B, C, V] float32
-        processed = logits * e.temperature if self.reciprocal else logits / e.temperature
+        processed = logits * e.temperature if self.reciprocal is not None else logits / e.temperature
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32).view(-1, self.vocab_size)
         sampled = torch.div(probs, e.exponential).argmax(dim=-1).view(batch, length)  # = torch.multinomial
         argmax = processed.argmax(dim=-1)
@@ -221,9 +223,9 @@ class FastStep:
     def _temperature(self, cur_step: int) -> float:
         s = self.denoiser.settings
         temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
-        if not self.reciprocal:
+        if self.reciprocal is None:
             return temperature
-        return _float32_reciprocal(temperature)
+        return RECIPROCALS[self.reciprocal](temperature)
 
     def _read_flags(self, e: StepBuffers) -> list[bool]:
         if e.host_flags is None:
@@ -350,18 +352,23 @@ class FastStep:
             return None
 
 
-def _float32_reciprocal(value: float) -> float:
-    """1 / value in double precision, rounded to float32: the factor CUDA multiplies by for `tensor / value`
-    (measured on an H200, torch 2.11: the float32 quotient 1f / float32(value) differs for 0.5333 and 1.1)."""
-    return float(torch.tensor(1.0 / value, dtype=torch.float32))
+# How a device may compute `tensor / python_float`: by multiplying with a float32 reciprocal, rounded from the
+# double quotient (measured on an H200, torch 2.11, at 10 temperatures) or computed in float32 (what PyTorch's
+# CUDA source reads as); the probe below finds which one this device uses, if either.
+RECIPROCALS = {
+    "double": lambda value: float(torch.tensor(1.0 / value, dtype=torch.float32)),
+    "float": lambda value: float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(value, dtype=torch.float32)),
+}
 
 
-def _divides_by_reciprocal(device: torch.device) -> bool:
-    """Whether `tensor / python_float` multiplies by `_float32_reciprocal` on `device` (CUDA does); the step
-    then does the same with a device scalar, so its tempered logits have the reference's bits."""
+def _reciprocal_rule(device: torch.device, temperatures: list[float]) -> str | None:
+    """The `RECIPROCALS` rule by which `tensor / t` on `device` equals a multiply, for every t the schedule uses;
+    None when it divides (CPUs do) or no rule matches. The step then does the same with a device scalar, so its
+    tempered logits have the reference's bits."""
     values = torch.randn(1 << 14, generator=torch.Generator().manual_seed(0)).mul_(30).to(device)
-    for temperature in (0.4125, 0.5333, 0.7, 0.7999, 1.1):
-        reciprocal = torch.tensor(_float32_reciprocal(temperature), dtype=torch.float32, device=device)
-        if not torch.equal(values / temperature, values * reciprocal):
-            return False
-    return True
+    temperatures = [t for t in temperatures if t > 0]
+    for name, reciprocal in RECIPROCALS.items():
+        if all(torch.equal(values / t, values * torch.tensor(reciprocal(t), dtype=torch.float32, device=device))
+               for t in temperatures):
+            return name
+    return None

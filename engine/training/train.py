@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sdpa_kernels == "auto" and args.device == "cuda":
         args.sdpa_kernels = CUDA_SDPA_KERNELS
+    unknown = set(args.sdpa_kernels.split(",")) - set(SDPA_BACKENDS) if args.sdpa_kernels != "auto" else set()
+    if unknown:
+        parser.error(f"--sdpa-kernels: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SDPA_BACKENDS)}")
     if args.minutes is None and args.steps is None:
         parser.error("give --minutes and/or --steps")
     return args
@@ -140,15 +143,15 @@ def learning_rate(args: argparse.Namespace, step: int, elapsed_s: float) -> floa
 # went NaN within 8 steps (the padding rows of the causal encoder attend to nothing) and a step took 2.9 s;
 # restricted to these two kernels, no NaN in 773 steps and 0.22 s a step.
 CUDA_SDPA_KERNELS = "efficient,math"
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def sdpa_kernels(names: str) -> contextlib.AbstractContextManager:
     """Restrict torch's scaled-dot-product attention to the named backends (``auto``: torch's choice)."""
     if names == "auto":
         return contextlib.nullcontext()
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    return sdpa_kernel([backends[name.strip()] for name in names.split(",")])
+    return sdpa_kernel([SDPA_BACKENDS[name] for name in names.split(",")])
 
 
 def to_device(batch: examples.Batch, device: str) -> examples.Batch:
@@ -196,9 +199,12 @@ def main(argv: list[str] | None = None) -> None:
                       "heldout_files": len(heldout_files), "start_step": step}), flush=True)
     model.train()
     running, running_ar, started = [], [], time.monotonic() - elapsed
-    skipped, waited, waiting_since = 0, 0.0, time.monotonic()
-    for batch in batch_stream(args, tokenizer, train_files, step):
-        waited += time.monotonic() - waiting_since
+    start_step, skipped, waited = step, 0, 0.0
+    batches_in = batch_stream(args, tokenizer, train_files, step)
+    while True:
+        fetch_started = time.monotonic()
+        batch = next(batches_in)
+        waited += time.monotonic() - fetch_started  # only the wait for data
         elapsed = time.monotonic() - started
         if (args.steps and step >= args.steps) or (args.minutes and elapsed >= 60 * args.minutes):
             break
@@ -208,22 +214,21 @@ def main(argv: list[str] | None = None) -> None:
         with autocast(args), sdpa_kernels(args.sdpa_kernels):
             parts = objective.losses(model, to_device(batch, args.device), generator,
                                      noise_copies=args.noise_copies, ar_weight=args.ar_weight)
-            value = parts["total"]
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
+        value = parts["total"]
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         step += 1
-        waiting_since = time.monotonic()
-        if not (torch.isfinite(norm) and torch.isfinite(value)):  # one bad batch must not poison the weights
+        if torch.isfinite(norm) and torch.isfinite(value):
+            optimizer.step()
+            running.append(parts["canvas"].item())
+            if "encoder_ar" in parts:
+                running_ar.append(parts["encoder_ar"].item())
+        else:  # one bad batch must not poison the weights: no update, the step still logs and checkpoints
             skipped += 1
-            if skipped > max(10, step // 10):
-                raise SystemExit(f"training stopped: {skipped} of {step} steps had a non-finite loss or gradient "
-                                 "(try --attention eager or --sdpa-kernels efficient,math)")
-            continue
-        optimizer.step()
-        running.append(parts["canvas"].item())
-        if "encoder_ar" in parts:
-            running_ar.append(parts["encoder_ar"].item())
+            if skipped > max(10, (step - start_step) // 10):
+                raise SystemExit(f"training stopped: {skipped} of {step - start_step} steps had a non-finite loss "
+                                 "or gradient; nothing was exported (try a lower --lr, or --attention eager)")
         if step % args.log_every == 0:
             row = {"step": step, "elapsed_s": round(elapsed, 1), "lr": lr,
                    "loss": round(sum(running) / len(running), 4) if running else "", "val_loss": "",
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                 "train_seconds": round(elapsed, 1), "batch_size": args.batch_size, "threads": args.threads,
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 "workers": args.workers, "attention": args.attention, "sdpa_kernels": args.sdpa_kernels,
-                "nonfinite_steps_skipped": skipped, "data_wait_s": round(waited, 1), "ar_weight": args.ar_weight,
+                "nonfinite_steps_skipped": skipped, "data_wait_s": round(waited, 1),  # this session's
+                "ar_weight": args.ar_weight,
                 "final_train_loss": rows[-1]["loss"], "final_val_loss": round(final_val, 4),
                 "train_files": len(train_files), "heldout_files": len(heldout_files),
                 "train_chars": sum(len(s.text) for s in train_files)}

@@ -228,17 +228,18 @@ def test_cuda_graph_steps_without_implicit_syncs_and_agrees_with_the_reference(t
     assert agree / total >= 0.9  # masked vs unmasked SDPA kernels: equal up to near-ties
 
 
-@needs_cuda
-def test_cuda_tempered_logits_have_the_reference_bits(tiny_model_dir) -> None:
-    loaded = load_checkpoint(tiny_model_dir, device="cuda", dtype="float32")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_tempered_logits_have_the_reference_bits(tiny_model_dir, device: str) -> None:
+    """Divided by a device scalar or multiplied by the reciprocal the device itself uses: the bits of `x / t`."""
+    loaded = load_checkpoint(tiny_model_dir, device=device, dtype="float32")
     engine = Engine(loaded, fast_step="off", lean_forward="off")
     fast = FastStep(engine.denoiser)
     s = engine.settings
-    values = torch.randn(1 << 16, device="cuda") * 30
+    values = torch.randn(1 << 16, device=device) * 30
     for cur_step in range(s.max_steps, 0, -1):
         temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
-        buffer = torch.tensor(fast._temperature(cur_step), dtype=torch.float32, device="cuda")
-        ours = values * buffer if fast.reciprocal else values / buffer
+        buffer = torch.tensor(fast._temperature(cur_step), dtype=torch.float32, device=device)
+        ours = values * buffer if fast.reciprocal is not None else values / buffer
         assert torch.equal(ours, values / temperature)  # what Denoiser.run computes
 
 
