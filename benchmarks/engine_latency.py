@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import platform
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.infill import edit_similarity
 from benchmarks.requests_from_files import CutRequest, cut_requests, default_files
 from dgls.context import build_context
 from engine.engine import Engine
@@ -70,11 +70,6 @@ def generate_text(engine: Engine, request: FillRequest) -> str:
                                    max_new_tokens=engine.denoiser.canvas_length)
     tokens = engine._until_eos(output.sequences[0, len(ids):].tolist())
     return engine._finish_text(tokens, request.mode)
-
-
-def similarity(text: str, reference: str) -> float:
-    """Edit similarity of a completion to the reference middle (difflib ratio of the stripped texts)."""
-    return difflib.SequenceMatcher(None, text.strip(), reference.strip()).ratio()
 
 
 def median(values: list[float]) -> float:
@@ -137,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         agree += result.text == hf_text
         dgls_exact += result.text.strip() == cut.middle.strip()
         hf_exact += hf_text.strip() == cut.middle.strip()
-        dgls_similarity += similarity(result.text, cut.middle)
-        hf_similarity += similarity(hf_text, cut.middle)
+        dgls_similarity += edit_similarity(result.text.strip(), cut.middle.strip())
+        hf_similarity += edit_similarity(hf_text.strip(), cut.middle.strip())
         print(f"[{index + 1}/{len(cuts)}] cold {cold[-1]:.0f} ms warm {warm[-1]:.0f} ms dgls {ours[-1]:.0f} ms "
               f"generate {theirs[-1]:.0f} ms", file=sys.stderr)
 
