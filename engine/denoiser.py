@@ -54,6 +54,10 @@ class SamplerSettings:
             confidence_threshold=float(pick("confidence_threshold", defaults.confidence_threshold)),
         )
 
+    def temperature(self, cur_step: int) -> float:
+        """The schedule's temperature at `cur_step` (counting down from `max_steps` to 1)."""
+        return self.t_min + (self.t_max - self.t_min) * (cur_step / self.max_steps)
+
 
 @dataclass(slots=True)
 class DenoiseControl:
@@ -161,8 +165,7 @@ class Denoiser:
             started = time.monotonic()
             forwards += (~finished).long()
             logits = decode(canvas, self_conditioning)  # [B, C, V] float32
-            temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
-            new_processed = logits / temperature
+            new_processed = logits / s.temperature(cur_step)
             if self.noise == "mask":
                 new_processed[..., self.mask_token_id] = float("-inf")
             new_argmax = new_processed.argmax(dim=-1)

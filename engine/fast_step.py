@@ -106,8 +106,8 @@ class FastStep:
         self.canvas_positions = torch.arange(self.canvas_length, device=self.device)  # [C]
         self.is_eos = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)  # [V] (isin may sync)
         self.is_eos[denoiser.eos_ids] = True
-        s = denoiser.settings
-        schedule = [s.t_min + (s.t_max - s.t_min) * (step / s.max_steps) for step in range(1, s.max_steps + 1)]
+        settings = denoiser.settings
+        schedule = [settings.temperature(step) for step in range(1, settings.max_steps + 1)]
         self.reciprocal = _reciprocal_rule(self.device, schedule)  # None: the step divides like the reference
         self.pool: Any = None  # one CUDA graph memory pool shared by every capture (replays never overlap)
 
@@ -221,8 +221,7 @@ class FastStep:
         e.committed.copy_(torch.where(newly, first + 1, e.committed))
 
     def _temperature(self, cur_step: int) -> float:
-        s = self.denoiser.settings
-        temperature = s.t_min + (s.t_max - s.t_min) * (cur_step / s.max_steps)
+        temperature = self.denoiser.settings.temperature(cur_step)
         if self.reciprocal is None:
             return temperature
         return RECIPROCALS[self.reciprocal](temperature)
