@@ -2,17 +2,22 @@
 
 Usage:
     python -m benchmarks.lsp_latency [--model DIR] [--sessions 4] [--chars 24] [--typing-ms 120] [--device cpu]
+                                     [--debounce-ms 0] [--no-prefetch]
 
 A real LSP client (pygls `LanguageClient`) starts `dgls lsp` (which starts a private engine), opens real
 files cut at a random line, and types the rest of that line one character at a time at typing speed: each
 keystroke is a `didChange` followed by an automatic `textDocument/inlineCompletion`, without waiting for the
-previous answer, as editors do. Every request is paired with the engine's own `total_ms` for its fill (the
-`dgls/status` published after each answer names the document version of each finished fill). Reports, over
-the requests whose fill ran to the end in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
+previous answer, as editors do: at once by default (the worst case for the server: `overhead_ratio` is read
+there), or `--debounce-ms` later, as dgls' editor plugins do (75 ms by default), by when the server's prefetch
+(`completion.prefetch`, on unless `--no-prefetch`) has run the keystroke's fill; latency counts from the request.
+Every request is paired with the engine's own `total_ms` for its fill (the `dgls/status` published after each
+answer names the document version of each finished fill). Reports, over the requests whose fill ran to the end
+in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
 `overhead_ratio` (end-to-end p50 / engine p50; it includes waiting for the engine to drop the previous
 keystroke's fill) and `overhead_ms_p50`; also `answered` (requests answered with a suggestion after
 post-processing), `stale_dropped` (answered empty without a finished fill: superseded by a newer keystroke)
-and `cache_hits` (answers served from the typed-through cache without the engine). Fixed seed, one
+`cache_hits` (answers served from the typed-through cache without the engine), `prefetches`/`prefetches_used`
+(keystrokes whose fill the server started on their `didChange`, and those a request took over). Fixed seed, one
 warm-up session; progress on stderr; the last stdout line is one JSON object.
 """
 
@@ -43,8 +48,9 @@ Fills = dict[tuple[str, int], tuple[float, float | None]]  # (document, version)
 
 
 async def typing_session(client: LanguageClient, uri: str, text: str, line: int, typed: str, pause_s: float,
-                         answers: list[Answer]) -> None:
-    """Open `text`, then type `typed` at the end of `line`; record an `Answer` per keystroke's request."""
+                         answers: list[Answer], debounce_s: float = 0.0) -> None:
+    """Open `text`, then type `typed` at the end of `line`; record an `Answer` per keystroke's request, sent
+    `debounce_s` after its keystroke."""
     client.text_document_did_open(types.DidOpenTextDocumentParams(
         text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
     column = len(text.split("\n")[line])
@@ -60,7 +66,7 @@ async def typing_session(client: LanguageClient, uri: str, text: str, line: int,
             text_document=types.TextDocumentIdentifier(uri=uri),
             position=types.Position(line=line, character=column + index + 1),
             context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))
-        pending.append(asyncio.ensure_future(timed_request(client, params, version, answers)))
+        pending.append(asyncio.ensure_future(timed_request(client, params, version, answers, debounce_s)))
         await asyncio.sleep(pause_s)
     await asyncio.gather(*pending)
     client.text_document_did_close(types.DidCloseTextDocumentParams(
@@ -68,8 +74,10 @@ async def typing_session(client: LanguageClient, uri: str, text: str, line: int,
 
 
 async def timed_request(client: LanguageClient, params: types.InlineCompletionParams, version: int,
-                        answers: list[Answer]) -> None:
+                        answers: list[Answer], debounce_s: float = 0.0) -> None:
     """One request's end-to-end latency; its engine time is paired later (see `pair`)."""
+    if debounce_s:
+        await asyncio.sleep(debounce_s)
     started = time.perf_counter()
     result = await client.text_document_inline_completion_async(params)
     elapsed = (time.perf_counter() - started) * 1000
@@ -122,7 +130,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await client.initialize_async(types.InitializeParams(
         capabilities=types.ClientCapabilities(),
         initialization_options={"engine": engine_options, "deadlines": {"automaticMs": args.deadline_ms},
-                                "completion": {"candidates": 1, "debounceMs": 0}}))
+                                "completion": {"candidates": 1, "debounceMs": args.debounce_ms,
+                                               "prefetch": args.prefetch}}))
     client.initialized(types.InitializedParams())
     server_status: dict[str, Any] = {}
     fills: Fills = {}
@@ -140,7 +149,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"session {number}/{args.sessions}: {path.name}:{line + 1} typing {typed!r}", file=sys.stderr)
             run_answers: list[Answer] = []
             await typing_session(client, path.resolve().as_uri() + f"?session={number}", text, line, typed,
-                                 args.typing_ms / 1000, run_answers)
+                                 args.typing_ms / 1000, run_answers, args.debounce_ms / 1000)
             if number:  # session 0 warms up the engine and the caches
                 answers.extend(run_answers)
             else:  # the server starts the engine on demand: wait until its model is loaded
@@ -181,6 +190,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "stale_dropped": sum(1 for _, has_item, engine, _ in timings if engine is None and not has_item),
         "engine_fills": status.get("requests_served"),
         "cache_hits": server_status.get("cacheHits"),
+        "debounce_ms": args.debounce_ms,
+        "prefetches": server_status.get("prefetches"),
+        "prefetches_used": server_status.get("prefetchesUsed"),
     }
 
 
@@ -220,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chars", type=int, default=24)
     parser.add_argument("--typing-ms", type=float, default=120.0)
     parser.add_argument("--deadline-ms", type=float, default=2000.0)
+    parser.add_argument("--debounce-ms", type=int, default=0, help="send each request this long after its keystroke")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="completion.prefetch off: fills start when the request arrives")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(run(args))))

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,9 +152,22 @@ class EngineLink:
 
     # -- requests ----------------------------------------------------------------------------------------------
 
-    async def fill(self, request: FillRequest, wait_s: float) -> FillResult:
-        """One fill. While the engine first starts, waits up to `wait_s` for it; while it restarts or cannot be
-        started, fails at once. Raises EngineError with the engine's code (`unavailable`: no engine)."""
+    def fill(self, request: FillRequest, wait_s: float) -> asyncio.Task[FillResult]:
+        """One fill, as a task to await; cancelling it cancels the fill inside the engine. With the engine
+        ready, the request is written to it before this returns (the fill starts now, not when a task first
+        runs: on a keystroke's `didChange` that is only after the messages read with it). While the engine first
+        starts, the task waits up to `wait_s` for it; while it restarts or cannot be started, it fails at once.
+        Raises EngineError with the engine's code (`unavailable`: no engine)."""
+        client = self.client
+        if self.ready.is_set() and client is not None and client.connected:
+            with contextlib.suppress(EngineUnavailable):  # gone meanwhile: the slow path notices and reports
+                message_id, future = client.submit("fill", request=request.to_dict())
+                task = asyncio.ensure_future(self._reply(client, message_id, future))
+                task.add_done_callback(lambda done: _cancelled(done, client, message_id, future))
+                return task
+        return asyncio.ensure_future(self._fill(request, wait_s))
+
+    async def _fill(self, request: FillRequest, wait_s: float) -> FillResult:
         if not self.ready.is_set():
             self.start()
             if self.state in ("restarting", "failed"):  # answer now; the restart goes on in the background
@@ -172,8 +185,15 @@ class EngineLink:
             self._set_state("stopped", "the engine exited after its idle timeout")
             self.start()
             raise EngineError("unavailable", "the engine exited after its idle timeout; starting it again")
+        return await self._settle(client.fill(request))
+
+    async def _reply(self, client: AsyncEngineClient, message_id: int, future: asyncio.Future[dict[str, Any]]
+                     ) -> FillResult:
+        return await self._settle(client.fill_reply(message_id, future))
+
+    async def _settle(self, reply: Coroutine[Any, Any, FillResult]) -> FillResult:
         try:
-            result = await client.fill(request)
+            result = await reply
         except EngineUnavailable as exc:
             self.lost(exc.message)
             raise
@@ -184,6 +204,13 @@ class EngineLink:
         self.calls += 1
         self.last_latency_ms = result.timings.get("total_ms")
         return result
+
+
+def _cancelled(task: asyncio.Task[FillResult], client: AsyncEngineClient, message_id: int,
+               future: asyncio.Future[dict[str, Any]]) -> None:
+    """A fill task cancelled before its first step never waited for the reply: stop the fill anyway."""
+    if task.cancelled():
+        client.cancel_soon(message_id, future)
 
 
 async def _in_thread(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

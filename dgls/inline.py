@@ -1,14 +1,21 @@
-"""`textDocument/inlineCompletion`, the `textDocument/completion` fallback, and what the client tells us about
-shown and accepted suggestions.
+"""`textDocument/inlineCompletion`, the `textDocument/completion` fallback, prefetching on `didChange`, and what
+the client tells us about shown and accepted suggestions.
 
 Each handler is thin: snapshot the document, look in the completion cache (typed-through suggestions are
 answered without an engine call), build the context, fill, post-process, convert. Every failure is an empty
 answer; only a cancelled request ends with an error (the one the protocol prescribes).
+
+Prefetch: once an editor has asked for automatic inline completions in a document, each keystroke there starts
+the suggestion for the cursor the change leaves as soon as its `didChange` arrives; the editor's request (after
+its debounce) takes it over when it asks at that version and position, and any other request supersedes it as a
+newer keystroke would (one fill per document runs at a time). `completion.prefetch: false` turns it off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +27,12 @@ from dgls.session import Session
 from dgls.snapshot import DocumentSnapshot
 from engine.fill import FillRequest
 
+log = logging.getLogger("dgls.server")
 ACCEPT_COMMAND = "dgls.acceptCompletion"
 SNIFF_CHARS = 4096  # text around the cursor checked for NUL bytes (binary documents get no suggestions)
 INLINE_CONTEXT_CHARS = 32_768  # documents up to this size get their context built on the event loop
+PREFETCH_ARMED_S = 30.0  # after an automatic inline request, a document's keystrokes prefetch for this long
+PREFETCH_MAX_CHARS = 64  # a change inserting more (a paste, a formatter's edit) is not typing: no prefetch
 
 
 @dataclass(slots=True)
@@ -33,6 +43,13 @@ class Suggested:
     item_ids: list[int]
 
 
+@dataclass(slots=True)
+class Prefetch:
+    version: int
+    position: tuple[int, int]  # (line, character) of the cursor the change left
+    task: asyncio.Task[Suggested | None]
+
+
 async def suggest(
     session: Session,
     uri: str,
@@ -40,14 +57,16 @@ async def suggest(
     invoked: bool,
     selected: types.SelectedCompletionInfo | None = None,
     channel: str = "",
+    version: int | None = None,
 ) -> Suggested | None:
-    """Suggestions at `position` of the open document `uri`, best first; None when there is nothing to say.
+    """Suggestions at `position` of the open document `uri`, best first; None when there is nothing to say
+    (or, with `version`, when the document is no longer at that version).
 
     Requests on one `channel` of a document supersede each other (inline completions and the completion
     fallback use different channels, so a client that asks for both gets both).
     """
     snapshot = DocumentSnapshot.of(session.server.workspace, uri)
-    if snapshot is None or session.shutting_down:
+    if snapshot is None or session.shutting_down or (version is not None and snapshot.version != version):
         return None
     if not session.options.completion.enabled_for(snapshot.language_id):
         return None
@@ -127,7 +146,20 @@ async def inline_completion(
     context = params.context
     invoked = context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
     selected = context.selected_completion_info
-    suggested = await suggest(session, params.text_document.uri, params.position, invoked, selected)
+    uri = params.text_document.uri
+    prefetched = session.prefetches.pop(uri, None)
+    if not invoked and selected is None:
+        session.prefetch_armed[uri] = time.monotonic() + PREFETCH_ARMED_S
+        snapshot = DocumentSnapshot.of(session.server.workspace, uri)
+        if (prefetched is not None and snapshot is not None and prefetched.version == snapshot.version
+                and prefetched.position == (params.position.line, params.position.character)
+                and not prefetched.task.cancelled()):
+            session.stats["prefetchesUsed"] += 1
+            suggested = await prefetched.task
+        else:
+            suggested = await suggest(session, uri, params.position, invoked)
+    else:
+        suggested = await suggest(session, uri, params.position, invoked, selected)
     if suggested is None or not suggested.suggestions:
         return types.InlineCompletionList(items=[])
     items = []
@@ -157,6 +189,40 @@ async def completion(session: Session, params: types.CompletionParams) -> types.
         command=types.Command(title="dgls: accepted", command=ACCEPT_COMMAND, arguments=[suggested.item_ids[0]]),
     )
     return types.CompletionList(is_incomplete=True, items=[item])
+
+
+def did_change(session: Session, params: types.DidChangeTextDocumentParams) -> None:
+    """A keystroke (pygls has applied it): in a document whose editor asks for automatic inline completions,
+    start the suggestion for the cursor it leaves now; `inline_completion` takes it over."""
+    uri = params.text_document.uri
+    if (not session.options.completion.prefetch or session.shutting_down or len(params.content_changes) != 1
+            or session.prefetch_armed.get(uri, 0.0) < time.monotonic()):
+        return
+    snapshot = DocumentSnapshot.of(session.server.workspace, uri)
+    position = _cursor_after(params.content_changes[0], snapshot) if snapshot is not None else None
+    if snapshot is None or position is None:
+        return
+    task = asyncio.ensure_future(suggest(session, uri, position, invoked=False, version=snapshot.version))
+    task.add_done_callback(_log_failure)
+    session.prefetches[uri] = Prefetch(snapshot.version, (position.line, position.character), task)
+    session.stats["prefetches"] += 1
+
+
+def _cursor_after(change: Any, snapshot: DocumentSnapshot) -> types.Position | None:
+    """Where typing `change` leaves the cursor: after the inserted text (at the start of a deletion); None for
+    a whole-document change or a long insertion."""
+    if not isinstance(change, types.TextDocumentContentChangePartial) or len(change.text) > PREFETCH_MAX_CHARS:
+        return None
+    start = change.range.start
+    _, newline, last = change.text.rpartition("\n")
+    if newline:
+        return types.Position(line=start.line + change.text.count("\n"), character=snapshot.units(last))
+    return types.Position(line=start.line, character=start.character + snapshot.units(change.text))
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("prefetch failed: %r", task.exception())
 
 
 def _item_id(item: Any) -> int | None:

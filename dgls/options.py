@@ -71,6 +71,7 @@ class CompletionOptions:
     debounce_ms: int = field(default=75, metadata=_check(lambda v: 0 <= v <= 10_000, "0..10000"))
     mode: str = field(default="auto", metadata=_check(lambda v: v in MODES, "auto|line|block"))
     seed: int = 0
+    prefetch: bool = True  # start a keystroke's fill on its didChange, before the editor asks (`dgls.inline`)
 
     def enabled_for(self, language_id: str) -> bool:
         return "*" in self.languages or language_id in self.languages

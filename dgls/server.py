@@ -44,12 +44,6 @@ class DglsProtocol(LanguageServerProtocol):
             return
         super().handle_message(message)
 
-    def _send_response(self, msg_id: Any, result: Any | None = None, error: Any | None = None) -> None:
-        super()._send_response(msg_id, result, error)
-        session = getattr(self._server, "session", None)
-        if session is not None:
-            session.answered()  # a status due after this answer (Session.publish_status_after_answer)
-
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
     async def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams) -> Any:  # type: ignore[override]
         handler = self.fm.commands.get(params.command)
@@ -87,6 +81,10 @@ def create_server(socket_path: Path | None = None) -> DglsServer:
     def did_change_configuration(params: types.DidChangeConfigurationParams) -> None:
         session.apply_options(params.settings)
         session.link.start()
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(params: types.DidChangeTextDocumentParams) -> None:
+        inline.did_change(session, params)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(params: types.DidCloseTextDocumentParams) -> None:

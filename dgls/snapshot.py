@@ -35,7 +35,8 @@ class DocumentSnapshot:
             language_id=document.language_id or "", path=document.path or "", encoding=encoding,
         )
 
-    def _units(self, text: str) -> int:
+    def units(self, text: str) -> int:
+        """The length of `text` in this document's position units (UTF-16 code units by default)."""
         if self.encoding == types.PositionEncodingKind.Utf32:
             return len(text)
         if self.encoding == types.PositionEncodingKind.Utf8:
@@ -69,10 +70,10 @@ class DocumentSnapshot:
         for index in range(start, end):
             if units >= position.character:
                 return index
-            units += self._units(self.text[index])
+            units += self.units(self.text[index])
         return end
 
     def position_at(self, offset: int) -> types.Position:
         line_start = self.text.rfind("\n", 0, offset) + 1
         line = self.text.count("\n", 0, line_start)
-        return types.Position(line=line, character=self._units(self.text[line_start:offset]))
+        return types.Position(line=line, character=self.units(self.text[line_start:offset]))

@@ -156,20 +156,30 @@ class AsyncEngineClient:
             if self.writer is not None:
                 self.writer.close()
 
-    async def send(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        if not self.connected:
-            await self.connect()
-        assert self.writer is not None
+    def submit(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """Write a request on the open connection now, before returning; its reply arrives on the future."""
+        if self.writer is None or not self.connected:
+            raise EngineUnavailable("not connected to the engine")
         message_id = next(self.ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[message_id] = future
         self.writer.write(encode_frame({"v": PROTOCOL_VERSION, "id": message_id, "type": kind, **fields}))
+        return message_id, future
+
+    async def send(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        if not self.connected:
+            await self.connect()
+        message_id, future = self.submit(kind, **fields)
+        await self._drain(message_id)
+        return message_id, future
+
+    async def _drain(self, message_id: int) -> None:
+        assert self.writer is not None
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             self.pending.pop(message_id, None)
             raise EngineUnavailable(f"lost the engine: {exc}") from None
-        return message_id, future
 
     async def request(self, kind: str, **fields: Any) -> dict[str, Any]:
         _, future = await self.send(kind, **fields)
@@ -178,12 +188,29 @@ class AsyncEngineClient:
     async def fill(self, request: FillRequest) -> FillResult:
         """Fill; cancelling the awaiting task also cancels the fill inside the engine."""
         message_id, future = await self.send("fill", request=request.to_dict())
+        return await self.fill_reply(message_id, future)
+
+    async def fill_reply(self, message_id: int, future: asyncio.Future[dict[str, Any]]) -> FillResult:
+        """The result of a fill already written (`submit`); cancelling the awaiting task cancels the fill inside
+        the engine."""
         try:
+            await self._drain(message_id)
             return FillResult.from_dict(_result(await future))
         except asyncio.CancelledError:
-            with contextlib.suppress(EngineError):
-                await self.send("cancel", target=message_id)
+            self.cancel_soon(message_id, future)
             raise
+
+    def cancel_soon(self, message_id: int, future: asyncio.Future[dict[str, Any]]) -> None:
+        """Tell the engine to stop a request whose reply nobody waits for any more (written now; a request
+        already answered is left alone). The reply's future may already be cancelled: cancelling the task that
+        awaits it cancels it first."""
+        if future.done() and not future.cancelled():
+            return
+        if self.pending.pop(message_id, None) is None:
+            return  # told already, or the connection is gone
+        future.cancel()
+        with contextlib.suppress(EngineError):
+            self.submit("cancel", target=message_id)
 
     async def close(self) -> None:
         if self.writer is not None:

@@ -261,8 +261,8 @@ async def test_tcp_transport(tmp_path) -> None:
 
 def test_the_status_of_a_fill_follows_its_answer(options) -> None:
     """On the wire, the `dgls/status` naming a fill (`lastFill`: document, version, engine and round-trip times)
-    comes right after that request's answer, not before it: its serialising and parsing stay off the answer's
-    path. Read as raw frames, since a client library may hand over a reply after messages that followed it."""
+    comes after that request's answer, not before it: its serialising and parsing stay off the answer's path.
+    Read as raw frames, since a client library may hand over a reply after messages that followed it."""
     import json
     import subprocess
     import sys

@@ -25,7 +25,8 @@ M.defaults = {
   --              idleTimeout = nil, loadTimeout = 300 },
   --   deadlines = { automaticMs = 150, invokedMs = 2000, rewriteMs = 10000 },
   --   context = { prefixTokens = 256, suffixTokens = 128, extraTokens = 256 },
-  --   completion = { languages = { '*' }, candidates = 3, debounceMs = 75, mode = 'auto', seed = 0 },
+  --   completion = { languages = { '*' }, candidates = 3, debounceMs = 75, mode = 'auto', seed = 0,
+  --                  prefetch = true },
   server = {},
   inline = {
     enabled = true,

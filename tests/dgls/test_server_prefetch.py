@@ -1,0 +1,119 @@
+"""Prefetch, end to end on the shipped default model: once the editor has asked for an automatic inline completion
+in a document, a keystroke's `didChange` starts the fill its request will ask for, and that request takes it over
+instead of filling again. A request anywhere else supersedes the prefetch; documents the editor never asked about,
+and `completion.prefetch: false`, start nothing. The engine's worker is kept busy (`BusyEngine`) so that what the
+server sends waits in the engine's queue, where the tests can see it before the editor has asked anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from lsprotocol import types
+
+from dgls.inline import _cursor_after
+from dgls.snapshot import DocumentSnapshot
+from tests.dgls.conftest import (
+    BusyEngine,
+    change_document,
+    engine_status,
+    inline_params,
+    lsp_client,
+    open_document,
+    server_status,
+    wait_engine,
+)
+
+URI = "file:///work/demo/prefetch.py"
+TEXT = "def add(a, b):\n    return a\n"
+LINE, COLUMN = 1, 12  # after "return a"
+
+
+def idle(status: dict[str, Any]) -> bool:
+    return not status.get("running") and not status.get("queued")
+
+
+def type_char(client: Any, version: int, column: int, char: str = " ") -> None:
+    at = types.Position(LINE, column)
+    change_document(client, URI, version, char, types.Range(at, at))
+
+
+async def armed(client: Any) -> None:
+    """Open the document and ask once automatically, as an editor does after the first keystroke."""
+    open_document(client, URI, TEXT)
+    await client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN))
+
+
+async def test_the_request_after_a_keystroke_takes_over_the_fill_its_didchange_started(options, engine_socket) -> None:
+    async with lsp_client(options) as client:
+        await armed(client)
+        await wait_engine(engine_socket, idle)
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            type_char(client, 2, COLUMN)
+            await busy.wait_queued()  # the keystroke's fill waits in the engine: nobody has asked yet
+            result = await asyncio.wait_for(client.text_document_inline_completion_async(
+                inline_params(URI, LINE, COLUMN + 1)), timeout=60)
+        for item in result.items:
+            assert item.range.start == types.Position(LINE, COLUMN + 1)
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished + 1  # one fill for the keystroke, not two
+        stats = await server_status(client)
+        assert stats["prefetches"] == 1 and stats["prefetchesUsed"] == 1
+
+
+async def test_a_request_elsewhere_supersedes_the_prefetch(options, engine_socket) -> None:
+    async with lsp_client(options) as client:
+        await armed(client)
+        await wait_engine(engine_socket, idle)
+        served = engine_status(engine_socket)["requests_served"]
+        async with BusyEngine(engine_socket) as busy:
+            type_char(client, 2, COLUMN)
+            await busy.wait_queued()
+            # the editor asks at another place (its cursor moved): that request replaces the prefetch
+            elsewhere = asyncio.ensure_future(client.text_document_inline_completion_async(
+                inline_params(URI, 0, 14)))
+            await busy.wait_queued()
+        result = await asyncio.wait_for(elsewhere, timeout=60)
+        for item in result.items:
+            assert item.range.start == types.Position(0, 14)
+        status = await wait_engine(engine_socket, idle)
+        assert status["requests_served"] == served + busy.finished + 1  # the superseded prefetch never ran
+        stats = await server_status(client)
+        assert stats["prefetches"] == 1 and stats["prefetchesUsed"] == 0
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+async def test_keystrokes_prefetch_only_where_the_editor_asks_automatically(options, prefetch) -> None:
+    options = {**options, "completion": {**options.get("completion", {}), "prefetch": prefetch}}
+    async with lsp_client(options) as client:
+        open_document(client, URI, TEXT)
+        type_char(client, 2, COLUMN)
+        await client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN + 1, invoked=True))
+        type_char(client, 3, COLUMN + 1)
+        # invoked requests do not arm it; the status command is handled after the didChange before it
+        assert (await server_status(client))["prefetches"] == 0
+        await client.text_document_inline_completion_async(inline_params(URI, LINE, COLUMN + 2))
+        type_char(client, 4, COLUMN + 2)
+        assert (await server_status(client))["prefetches"] == (1 if prefetch else 0)
+
+
+def snapshot(text: str) -> DocumentSnapshot:
+    return DocumentSnapshot(uri=URI, version=1, text=text, language_id="python", path="")
+
+
+def partial(line: int, start: int, end: int, text: str) -> types.TextDocumentContentChangePartial:
+    return types.TextDocumentContentChangePartial(
+        range=types.Range(types.Position(line, start), types.Position(line, end)), text=text)
+
+
+def test_the_cursor_a_change_leaves() -> None:
+    view = snapshot("x = 1\n")
+    assert _cursor_after(partial(0, 5, 5, "0"), view) == types.Position(0, 6)  # typed
+    assert _cursor_after(partial(0, 4, 5, ""), view) == types.Position(0, 4)  # backspace
+    assert _cursor_after(partial(0, 5, 5, "\n    "), view) == types.Position(1, 4)  # Enter, auto-indented
+    assert _cursor_after(partial(0, 5, 5, "😋"), view) == types.Position(0, 7)  # two UTF-16 code units
+    assert _cursor_after(types.TextDocumentContentChangeWholeDocument(text="y = 2\n"), view) is None
+    assert _cursor_after(partial(0, 5, 5, "z" * 200), view) is None  # a paste is not typing
