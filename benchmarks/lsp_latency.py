@@ -15,7 +15,7 @@ answer names the document version of each finished fill). Reports, over the requ
 in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
 `overhead_ratio` (end-to-end p50 / engine p50; it includes waiting for the engine to drop the previous
 keystroke's fill) and `overhead_ms_p50`; also `answered` (requests answered with a suggestion after
-post-processing), `stale_dropped` (answered empty without a finished fill: superseded by a newer keystroke)
+post-processing), `stale_dropped` (answered empty without a finished fill: superseded by a newer keystroke),
 `cache_hits` (answers served from the typed-through cache without the engine), `prefetches`/`prefetches_used`
 (keystrokes whose fill the server started on their `didChange`, and those a request took over). Fixed seed, one
 warm-up session; progress on stderr; the last stdout line is one JSON object.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from dgls.context import CompletionContext, build_context
 from dgls.postprocess import Suggestion, postprocess
 from dgls.session import Session
 from dgls.snapshot import DocumentSnapshot
-from engine.fill import FillRequest
+from engine.fill import FillRequest, FillResult
 
 log = logging.getLogger("dgls.server")
 ACCEPT_COMMAND = "dgls.acceptCompletion"
@@ -65,22 +66,39 @@ async def suggest(
     Requests on one `channel` of a document supersede each other (inline completions and the completion
     fallback use different channels, so a client that asks for both gets both).
     """
+    return await start_suggest(session, uri, position, invoked, selected, channel, version)
+
+
+def start_suggest(
+    session: Session,
+    uri: str,
+    position: types.Position,
+    invoked: bool,
+    selected: types.SelectedCompletionInfo | None = None,
+    channel: str = "",
+    version: int | None = None,
+) -> Coroutine[Any, Any, Suggested | None]:
+    """`suggest`, begun before this returns: the document read, the typed-through cache asked and, for documents
+    up to INLINE_CONTEXT_CHARS, the context built and the fill written to the engine (an incremental parse and a
+    context take ~0.3-1 ms, less than a hop to a worker thread and back under load; larger documents get their
+    context built on a thread, so that parsing a large file never stalls other requests). The coroutine returned
+    waits for the answer."""
     snapshot = DocumentSnapshot.of(session.server.workspace, uri)
     if snapshot is None or session.shutting_down or (version is not None and snapshot.version != version):
-        return None
+        return _value(None)
     if not session.options.completion.enabled_for(snapshot.language_id):
-        return None
+        return _value(None)
     offset = snapshot.offset_at(position)
     if offset is None:
-        return None
+        return _value(None)
     text = snapshot.text
     if "\x00" in text[max(0, offset - SNIFF_CHARS) : offset + SNIFF_CHARS]:
-        return None  # binary data: nothing sensible to complete
+        return _value(None)  # binary data: nothing sensible to complete
     selected_text = ""
     if selected is not None:
         start = snapshot.offset_at(selected.range.start)
         if start is None or start > offset:
-            return None
+            return _value(None)
         selected_text = selected.text
         # The suggestion must extend the selected item: complete as if it were already inserted.
         text = text[:start] + selected.text + text[offset:]
@@ -91,45 +109,88 @@ async def suggest(
         if hits:
             session.stats["cacheHits"] += 1
             session.publish_status_after_answer()
-            return Suggested(snapshot, offset, [Suggestion(h.text, h.overwrite) for h in hits[:1]],
-                             [h.item_id for h in hits[:1]])
-    options = session.options
-    line = position.line
-    context = await context_for(
-        text, offset, line, snapshot.language_id, snapshot.path,
-        options.context.prefix_tokens, options.context.suffix_tokens, options.context.extra_tokens,
-    )
-    if options.completion.mode != "auto":
-        context.mode = options.completion.mode
-    candidates = options.completion.candidates if invoked else 1
-    request = FillRequest(
-        prefix=context.prefix, suffix=context.suffix, language=snapshot.language_id, path=snapshot.path,
-        context=context.snippets, mode=context.mode, candidates=candidates,  # type: ignore[arg-type]
-        deadline_ms=options.deadlines.invoked_ms if invoked else options.deadlines.automatic_ms,
-        seed=options.completion.seed, document=uri + channel, version=snapshot.version, priority="interactive",
-    )
-    result = await session.fill(uri + channel, request)
+            return _value(Suggested(snapshot, offset, [Suggestion(h.text, h.overwrite) for h in hits[:1]],
+                                    [h.item_id for h in hits[:1]]))
+    ask = _Ask(snapshot, text, offset, position.line, selected is not None, selected_text, invoked, uri + channel)
+    if len(text) <= INLINE_CONTEXT_CHARS:
+        context = ask.moded(session, build_context(text, *ask.context_args(session)))
+        return _answer(session, ask, context, session.start_fill(ask.key, ask.request(session, context)))
+    return _answer_later(session, ask)
+
+
+@dataclass(slots=True)
+class _Ask:
+    """A suggestion being made: the document as the model sees it (a selected completion item inserted)."""
+
+    snapshot: DocumentSnapshot
+    text: str
+    offset: int
+    line: int
+    selected: bool  # a selected completion item: the suggestion extends it and replaces its range
+    selected_text: str
+    invoked: bool
+    key: str  # the document's URI plus the channel
+
+    def context_args(self, session: Session) -> tuple[Any, ...]:
+        """`build_context`'s arguments after the text."""
+        options = session.options.context
+        return (self.offset, self.line, self.snapshot.language_id, self.snapshot.path, options.prefix_tokens,
+                options.suffix_tokens, options.extra_tokens)
+
+    def moded(self, session: Session, context: CompletionContext) -> CompletionContext:
+        """`context` with the mode the options force, if any."""
+        if session.options.completion.mode != "auto":
+            context.mode = session.options.completion.mode
+        return context
+
+    def candidates(self, session: Session) -> int:
+        return session.options.completion.candidates if self.invoked else 1
+
+    def request(self, session: Session, context: CompletionContext) -> FillRequest:
+        options, snapshot = session.options, self.snapshot
+        return FillRequest(
+            prefix=context.prefix, suffix=context.suffix, language=snapshot.language_id, path=snapshot.path,
+            context=context.snippets, mode=context.mode, candidates=self.candidates(session),  # type: ignore[arg-type]
+            deadline_ms=options.deadlines.invoked_ms if self.invoked else options.deadlines.automatic_ms,
+            seed=options.completion.seed, document=self.key, version=snapshot.version, priority="interactive",
+        )
+
+
+async def _value(value: Suggested | None) -> Suggested | None:
+    return value
+
+
+async def _answer_later(session: Session, ask: _Ask) -> Suggested | None:
+    context = ask.moded(session, await context_for(ask.text, *ask.context_args(session)))
+    return await _answer(session, ask, context, session.start_fill(ask.key, ask.request(session, context)))
+
+
+async def context_for(text: str, *args: Any) -> CompletionContext:
+    """`build_context` on the event loop for documents up to INLINE_CONTEXT_CHARS, else on a thread (see
+    `start_suggest`)."""
+    if len(text) <= INLINE_CONTEXT_CHARS:
+        return build_context(text, *args)
+    return await asyncio.to_thread(build_context, text, *args)
+
+
+async def _answer(session: Session, ask: _Ask, context: CompletionContext,
+                  fill: Awaitable[FillResult | None]) -> Suggested | None:
+    """Wait for the fill, post-process it and remember the suggestions (typed-through cache)."""
+    result = await fill
     session.publish_status_after_answer()
     if result is None:
         session.stats["emptyAnswers"] += 1
         return None
-    suggestions = postprocess(result.candidates or [result.text], context)[:candidates]
-    if selected is not None:
-        suggestions = [Suggestion(selected_text + s.text, s.overwrite) for s in suggestions]
-        offset -= len(selected_text)
+    suggestions = postprocess(result.candidates or [result.text], context)[: ask.candidates(session)]
+    offset = ask.offset
+    if ask.selected:
+        suggestions = [Suggestion(ask.selected_text + s.text, s.overwrite) for s in suggestions]
+        offset -= len(ask.selected_text)
         item_ids = [0] * len(suggestions)
     else:
-        item_ids = session.cache.store(uri, text, offset, [(s.text, s.overwrite) for s in suggestions])
-    return Suggested(snapshot, offset, suggestions, item_ids)
-
-
-async def context_for(text: str, *args: Any) -> CompletionContext:
-    """`build_context` on the event loop for documents up to INLINE_CONTEXT_CHARS (an incremental parse and a
-    context take ~0.3-1 ms there, less than the hop to a worker thread and back under load), else on a thread so
-    that parsing a large file never stalls other requests."""
-    if len(text) <= INLINE_CONTEXT_CHARS:
-        return build_context(text, *args)
-    return await asyncio.to_thread(build_context, text, *args)
+        uri = ask.snapshot.uri
+        item_ids = session.cache.store(uri, ask.text, offset, [(s.text, s.overwrite) for s in suggestions])
+    return Suggested(ask.snapshot, offset, suggestions, item_ids)
 
 
 def _range(suggested: Suggested, suggestion: Suggestion) -> types.Range:
@@ -202,7 +263,8 @@ def did_change(session: Session, params: types.DidChangeTextDocumentParams) -> N
     position = _cursor_after(params.content_changes[0], snapshot) if snapshot is not None else None
     if snapshot is None or position is None:
         return
-    task = asyncio.ensure_future(suggest(session, uri, position, invoked=False, version=snapshot.version))
+    # begun now (the fill is written to the engine before the next message is read), awaited in a task
+    task = asyncio.ensure_future(start_suggest(session, uri, position, invoked=False, version=snapshot.version))
     task.add_done_callback(_log_failure)
     session.prefetches[uri] = Prefetch(snapshot.version, (position.line, position.character), task)
     session.stats["prefetches"] += 1

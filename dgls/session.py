@@ -14,6 +14,7 @@ import contextvars
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +187,23 @@ class Session:
         The newest request per `key` wins: an older fill still running is cancelled (the engine hears `cancel`).
         Cancelling the calling task (`$/cancelRequest`) cancels the fill too and propagates.
         """
+        return await self.start_fill(key, request)
+
+    def start_fill(self, key: str, request: FillRequest) -> Coroutine[Any, Any, FillResult | None]:
+        """`fill`, begun before this returns: the older fill for `key` cancelled and, with the engine ready, the
+        request written to it. The coroutine returned waits for the result."""
         if self.shutting_down:
-            return None
+            return _none()
         previous = self.latest.get(key)
         if previous is not None and not previous.done():
             previous.cancel()
-        wait_s = request.deadline_ms / 1000.0
         sent = time.monotonic()
-        task = self.link.fill(request, wait_s)  # written to the engine now when it is ready
+        task = self.link.fill(request, request.deadline_ms / 1000.0)  # written to the engine now when it is ready
         self.latest[key] = task
+        return self._result(key, request, task, sent)
+
+    async def _result(self, key: str, request: FillRequest, task: asyncio.Task[FillResult], sent: float
+                      ) -> FillResult | None:
         try:
             result = await task
         except asyncio.CancelledError:
@@ -239,3 +248,7 @@ class Session:
         for task in list(self.latest.values()):
             task.cancel()
         await self.link.close()
+
+
+async def _none() -> None:
+    return None
