@@ -9,7 +9,8 @@ files cut at a random line, and types the rest of that line one character at a t
 keystroke is a `didChange` followed by an automatic `textDocument/inlineCompletion`, without waiting for the
 previous answer, as editors do: at once by default (the worst case for the server: `overhead_ratio` is read
 there), or `--debounce-ms` later, as dgls' editor plugins do (75 ms by default), by when the server's prefetch
-(`completion.prefetch`, on unless `--no-prefetch`) has run the keystroke's fill; latency counts from the request.
+(`completion.prefetch`, on unless `--no-prefetch`) has run the keystroke's fill; latency counts from the request
+(the overhead fields are null then: the fill ran before the request was sent).
 Every request is paired with the engine's own `total_ms` for its fill (the `dgls/status` published after each
 answer names the document version of each finished fill). Reports, over the requests whose fill ran to the end
 in the engine (`filled`): the end-to-end `p50_ms`/`p95_ms`, `engine_ms_p50`,
@@ -173,6 +174,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     end_to_end = [ms for ms, _ in filled]
     p50 = percentile(end_to_end, 50)
     engine_p50 = round(statistics.median(engine for _, engine in filled), 2) if filled else None
+    # a fill prefetched during the debounce ran before its request was sent: no overhead to compare
+    comparable = not (args.debounce_ms and args.prefetch)
     return {
         "model": status.get("model"),
         "device": status.get("device"),
@@ -182,10 +185,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": p50,
         "p95_ms": percentile(end_to_end, 95),
         "engine_ms_p50": engine_p50,
-        "overhead_ratio": round(p50 / engine_p50, 3) if p50 and engine_p50 else None,
-        "overhead_ms_p50": round(statistics.median(ms - engine for ms, engine in filled), 2) if filled else None,
+        "overhead_ratio": round(p50 / engine_p50, 3) if p50 and engine_p50 and comparable else None,
+        "overhead_ms_p50": (round(statistics.median(ms - engine for ms, engine in filled), 2)
+                            if filled and comparable else None),
         "engine_link_ms_p50": _median([trip - engine for _, engine, trip in links]),
-        "lsp_side_ms_p50": _median([ms - trip for ms, _, trip in links]),
+        "lsp_side_ms_p50": _median([ms - trip for ms, _, trip in links]) if comparable else None,
         "answered_p50_ms": percentile(answered, 50),
         "stale_dropped": sum(1 for _, has_item, engine, _ in timings if engine is None and not has_item),
         "engine_fills": status.get("requests_served"),
@@ -237,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="completion.prefetch off: fills start when the request arrives")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 0 <= args.debounce_ms < args.typing_ms:
+        parser.error(f"--debounce-ms must be at least 0 and below --typing-ms ({args.typing_ms:g}): each request "
+                     "is sent before the next keystroke, as an editor's debounce does")
     print(json.dumps(asyncio.run(run(args))))
     return 0
 

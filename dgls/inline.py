@@ -14,6 +14,7 @@ newer keystroke would (one fill per document runs at a time). `completion.prefet
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Coroutine
@@ -34,6 +35,7 @@ SNIFF_CHARS = 4096  # text around the cursor checked for NUL bytes (binary docum
 INLINE_CONTEXT_CHARS = 32_768  # documents up to this size get their context built on the event loop
 PREFETCH_ARMED_S = 30.0  # after an automatic inline request, a document's keystrokes prefetch for this long
 PREFETCH_MAX_CHARS = 64  # a change inserting more (a paste, a formatter's edit) is not typing: no prefetch
+AUTO_CLOSED = ("()", "[]", "{}", '""', "''", "``")  # typed with the closer an editor adds after the cursor
 
 
 @dataclass(slots=True)
@@ -42,6 +44,7 @@ class Suggested:
     offset: int
     suggestions: list[Suggestion]
     item_ids: list[int]
+    cached: bool = False  # from the typed-through cache, without the engine
 
 
 @dataclass(slots=True)
@@ -49,6 +52,25 @@ class Prefetch:
     version: int
     position: tuple[int, int]  # (line, character) of the cursor the change left
     task: asyncio.Task[Suggested | None]
+    fill: asyncio.Task[Any] | None  # its fill in the engine, when it wrote one at once
+
+    def usable(self, version: int, position: types.Position) -> bool:
+        """Whether a request at `position` of the document at `version` can take this prefetch over: the same
+        place, and not finished without an answer (the engine may have become ready since)."""
+        if (self.version, self.position) != (version, (position.line, position.character)) or self.task.cancelled():
+            return False
+        return not self.task.done() or self.task.exception() is not None or self.task.result() is not None
+
+    def cancel(self) -> None:
+        """Stop it and its fill (the engine hears `cancel`): nobody will ask for it."""
+        self.task.cancel()
+        if self.fill is not None:
+            self.fill.cancel()
+
+
+# The document's version when an inline or completion request was read (`DglsProtocol.handle_message`): a
+# request whose document changed before its handler ran is for text the editor no longer shows.
+dispatched_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("dispatched_version", default=None)
 
 
 async def suggest(
@@ -77,12 +99,14 @@ def start_suggest(
     selected: types.SelectedCompletionInfo | None = None,
     channel: str = "",
     version: int | None = None,
+    prefetch: bool = False,
 ) -> Coroutine[Any, Any, Suggested | None]:
     """`suggest`, begun before this returns: the document read, the typed-through cache asked and, for documents
     up to INLINE_CONTEXT_CHARS, the context built and the fill written to the engine (an incremental parse and a
     context take ~0.3-1 ms, less than a hop to a worker thread and back under load; larger documents get their
     context built on a thread, so that parsing a large file never stalls other requests). The coroutine returned
-    waits for the answer."""
+    waits for the answer. A `prefetch` counts nothing and publishes no status: the request that takes it over
+    does (`inline_completion`)."""
     snapshot = DocumentSnapshot.of(session.server.workspace, uri)
     if snapshot is None or session.shutting_down or (version is not None and snapshot.version != version):
         return _value(None)
@@ -107,11 +131,13 @@ def start_suggest(
         # An explicit request at the very spot of the last answer wants fresh suggestions, not the cached ones.
         hits = [hit for hit in session.cache.lookup(uri, text, offset) if hit.typed or not invoked]
         if hits:
-            session.stats["cacheHits"] += 1
-            session.publish_status_after_answer()
-            return _value(Suggested(snapshot, offset, [Suggestion(h.text, h.overwrite) for h in hits[:1]],
-                                    [h.item_id for h in hits[:1]]))
-    ask = _Ask(snapshot, text, offset, position.line, selected is not None, selected_text, invoked, uri + channel)
+            suggested = Suggested(snapshot, offset, [Suggestion(h.text, h.overwrite) for h in hits[:1]],
+                                  [h.item_id for h in hits[:1]], cached=True)
+            if not prefetch:
+                _count_answer(session, suggested)
+            return _value(suggested)
+    ask = _Ask(snapshot, text, offset, position.line, selected is not None, selected_text, invoked, uri + channel,
+               prefetch)
     if len(text) <= INLINE_CONTEXT_CHARS:
         context = ask.moded(session, build_context(text, *ask.context_args(session)))
         return _answer(session, ask, context, session.start_fill(ask.key, ask.request(session, context)))
@@ -130,6 +156,7 @@ class _Ask:
     selected_text: str
     invoked: bool
     key: str  # the document's URI plus the channel
+    prefetch: bool
 
     def context_args(self, session: Session) -> tuple[Any, ...]:
         """`build_context`'s arguments after the text."""
@@ -162,6 +189,9 @@ async def _value(value: Suggested | None) -> Suggested | None:
 
 async def _answer_later(session: Session, ask: _Ask) -> Suggested | None:
     context = ask.moded(session, await context_for(ask.text, *ask.context_args(session)))
+    now = DocumentSnapshot.of(session.server.workspace, ask.snapshot.uri)
+    if now is None or now.version != ask.snapshot.version:
+        return None  # changed or closed while the context was built: a newer request is on its way
     return await _answer(session, ask, context, session.start_fill(ask.key, ask.request(session, context)))
 
 
@@ -177,9 +207,9 @@ async def _answer(session: Session, ask: _Ask, context: CompletionContext,
                   fill: Awaitable[FillResult | None]) -> Suggested | None:
     """Wait for the fill, post-process it and remember the suggestions (typed-through cache)."""
     result = await fill
-    session.publish_status_after_answer()
     if result is None:
-        session.stats["emptyAnswers"] += 1
+        if not ask.prefetch:
+            _count_answer(session, None)
         return None
     suggestions = postprocess(result.candidates or [result.text], context)[: ask.candidates(session)]
     offset = ask.offset
@@ -190,7 +220,19 @@ async def _answer(session: Session, ask: _Ask, context: CompletionContext,
     else:
         uri = ask.snapshot.uri
         item_ids = session.cache.store(uri, ask.text, offset, [(s.text, s.overwrite) for s in suggestions])
-    return Suggested(ask.snapshot, offset, suggestions, item_ids)
+    suggested = Suggested(ask.snapshot, offset, suggestions, item_ids)
+    if not ask.prefetch:
+        _count_answer(session, suggested)
+    return suggested
+
+
+def _count_answer(session: Session, suggested: Suggested | None) -> None:
+    """Count an answer about to be sent and publish the status after it."""
+    if suggested is None:
+        session.stats["emptyAnswers"] += 1
+    elif suggested.cached:
+        session.stats["cacheHits"] += 1
+    session.publish_status_after_answer()
 
 
 def _range(suggested: Suggested, suggestion: Suggestion) -> types.Range:
@@ -208,18 +250,20 @@ async def inline_completion(
     invoked = context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
     selected = context.selected_completion_info
     uri = params.text_document.uri
+    snapshot = DocumentSnapshot.of(session.server.workspace, uri)
+    if snapshot is not None and dispatched_version.get() not in (None, snapshot.version):
+        return types.InlineCompletionList(items=[])  # typed on since it was asked: its answer would be stale
     prefetched = session.prefetches.pop(uri, None)
     if not invoked and selected is None:
         session.prefetch_armed[uri] = time.monotonic() + PREFETCH_ARMED_S
-        snapshot = DocumentSnapshot.of(session.server.workspace, uri)
-        if (prefetched is not None and snapshot is not None and prefetched.version == snapshot.version
-                and prefetched.position == (params.position.line, params.position.character)
-                and not prefetched.task.cancelled()):
-            session.stats["prefetchesUsed"] += 1
-            suggested = await prefetched.task
-        else:
-            suggested = await suggest(session, uri, params.position, invoked)
+    if prefetched is not None and snapshot is not None and not invoked and selected is None and prefetched.usable(
+            snapshot.version, params.position):
+        session.stats["prefetchesUsed"] += 1
+        suggested = await prefetched.task
+        _count_answer(session, suggested)
     else:
+        if prefetched is not None:
+            prefetched.cancel()
         suggested = await suggest(session, uri, params.position, invoked, selected)
     if suggested is None or not suggested.suggestions:
         return types.InlineCompletionList(items=[])
@@ -238,6 +282,9 @@ async def completion(session: Session, params: types.CompletionParams) -> types.
     """One item with a `textEdit`, for clients without inline completion."""
     trigger = params.context.trigger_kind if params.context else types.CompletionTriggerKind.Invoked
     invoked = trigger == types.CompletionTriggerKind.Invoked
+    snapshot = DocumentSnapshot.of(session.server.workspace, params.text_document.uri)
+    if snapshot is not None and dispatched_version.get() not in (None, snapshot.version):
+        return types.CompletionList(is_incomplete=True, items=[])  # typed on since it was asked
     suggested = await suggest(session, params.text_document.uri, params.position, invoked, channel="#completion")
     if suggested is None or not suggested.suggestions:
         return types.CompletionList(is_incomplete=True, items=[])
@@ -256,30 +303,44 @@ def did_change(session: Session, params: types.DidChangeTextDocumentParams) -> N
     """A keystroke (pygls has applied it): in a document whose editor asks for automatic inline completions,
     start the suggestion for the cursor it leaves now; `inline_completion` takes it over."""
     uri = params.text_document.uri
+    previous = session.prefetches.pop(uri, None)
+    if previous is not None:
+        previous.cancel()
     if (not session.options.completion.prefetch or session.shutting_down or len(params.content_changes) != 1
             or session.prefetch_armed.get(uri, 0.0) < time.monotonic()):
         return
     snapshot = DocumentSnapshot.of(session.server.workspace, uri)
-    position = _cursor_after(params.content_changes[0], snapshot) if snapshot is not None else None
-    if snapshot is None or position is None:
+    if snapshot is None or not session.options.completion.enabled_for(snapshot.language_id):
         return
-    # begun now (the fill is written to the engine before the next message is read), awaited in a task
-    task = asyncio.ensure_future(start_suggest(session, uri, position, invoked=False, version=snapshot.version))
+    position = _cursor_after(params.content_changes[0], snapshot)
+    if position is None:
+        return
+    try:  # begun now (the fill is written to the engine before the next message is read), awaited in a task
+        before = session.latest.get(uri)
+        started = start_suggest(session, uri, position, invoked=False, version=snapshot.version, prefetch=True)
+    except Exception as exc:  # a prefetch is optional: the editor's request tries again and reports
+        log.warning("prefetch failed: %s: %s", type(exc).__name__, exc)
+        return
+    fill = session.latest.get(uri)
+    task = asyncio.ensure_future(started)
     task.add_done_callback(_log_failure)
-    session.prefetches[uri] = Prefetch(snapshot.version, (position.line, position.character), task)
+    session.prefetches[uri] = Prefetch(snapshot.version, (position.line, position.character), task,
+                                       fill if fill is not before else None)
     session.stats["prefetches"] += 1
 
 
 def _cursor_after(change: Any, snapshot: DocumentSnapshot) -> types.Position | None:
-    """Where typing `change` leaves the cursor: after the inserted text (at the start of a deletion); None for
-    a whole-document change or a long insertion."""
+    """Where typing `change` leaves the cursor: after the inserted text (inside an auto-closed pair, at the start
+    of a deletion); None for a whole-document change or a long insertion."""
     if not isinstance(change, types.TextDocumentContentChangePartial) or len(change.text) > PREFETCH_MAX_CHARS:
         return None
-    start = change.range.start
-    _, newline, last = change.text.rpartition("\n")
+    start, text = change.range.start, change.text
+    if text in AUTO_CLOSED:  # an editor closing the pair it opened leaves the cursor inside it
+        text = text[0]
+    _, newline, last = text.rpartition("\n")
     if newline:
-        return types.Position(line=start.line + change.text.count("\n"), character=snapshot.units(last))
-    return types.Position(line=start.line, character=start.character + snapshot.units(change.text))
+        return types.Position(line=start.line + text.count("\n"), character=snapshot.units(last))
+    return types.Position(line=start.line, character=start.character + snapshot.units(text))
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

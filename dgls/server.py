@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
@@ -33,6 +34,7 @@ from engine.protocol import default_socket_path
 log = logging.getLogger("dgls.server")
 DID_SHOW = "dgls/didShowCompletion"
 DID_PARTIALLY_ACCEPT = "dgls/didPartiallyAcceptCompletion"
+COMPLETION_METHODS = (types.TEXT_DOCUMENT_INLINE_COMPLETION, types.TEXT_DOCUMENT_COMPLETION)
 
 
 class DglsProtocol(LanguageServerProtocol):
@@ -42,7 +44,20 @@ class DglsProtocol(LanguageServerProtocol):
             error = JsonRpcInvalidRequest(f"the server is shutting down; {method} was not run")
             self._send_response(message.id, None, error.to_response_error())
             return
-        super().handle_message(message)
+        if method not in COMPLETION_METHODS:
+            super().handle_message(message)
+            return
+        # the handler's task copies this context: it can tell that the document changed before it ran
+        token = inline.dispatched_version.set(self._version_of(message))
+        try:
+            super().handle_message(message)
+        finally:
+            inline.dispatched_version.reset(token)
+
+    def _version_of(self, message: Any) -> int | None:
+        uri = getattr(getattr(getattr(message, "params", None), "text_document", None), "uri", None)
+        document = self.workspace.text_documents.get(unquote(uri)) if isinstance(uri, str) else None
+        return None if document is None else document.version
 
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
     async def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams) -> Any:  # type: ignore[override]

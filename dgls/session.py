@@ -14,7 +14,6 @@ import contextvars
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -189,18 +188,20 @@ class Session:
         """
         return await self.start_fill(key, request)
 
-    def start_fill(self, key: str, request: FillRequest) -> Coroutine[Any, Any, FillResult | None]:
+    def start_fill(self, key: str, request: FillRequest) -> asyncio.Future[FillResult | None]:
         """`fill`, begun before this returns: the older fill for `key` cancelled and, with the engine ready, the
-        request written to it. The coroutine returned waits for the result."""
+        request written to it. The task returned waits for the result; cancelling it cancels the fill."""
         if self.shutting_down:
-            return _none()
+            nothing: asyncio.Future[FillResult | None] = asyncio.get_running_loop().create_future()
+            nothing.set_result(None)
+            return nothing
         previous = self.latest.get(key)
         if previous is not None and not previous.done():
             previous.cancel()
         sent = time.monotonic()
         task = self.link.fill(request, request.deadline_ms / 1000.0)  # written to the engine now when it is ready
         self.latest[key] = task
-        return self._result(key, request, task, sent)
+        return asyncio.ensure_future(self._result(key, request, task, sent))
 
     async def _result(self, key: str, request: FillRequest, task: asyncio.Task[FillResult], sent: float
                       ) -> FillResult | None:
@@ -234,7 +235,9 @@ class Session:
     def forget(self, uri: str) -> None:
         """A closed document: drop its suggestions and stop its fills."""
         self.cache.forget(uri)
-        self.prefetches.pop(uri, None)
+        prefetch = self.prefetches.pop(uri, None)
+        if prefetch is not None:
+            prefetch.cancel()
         self.prefetch_armed.pop(uri, None)
         for key in (uri, f"{uri}#completion", f"{uri}#selection"):
             task = self.latest.get(key)
@@ -245,10 +248,8 @@ class Session:
         self.shutting_down = True
         if self.status_due is not None:
             self.status_due.cancel()
+        for prefetch in self.prefetches.values():
+            prefetch.cancel()
         for task in list(self.latest.values()):
             task.cancel()
         await self.link.close()
-
-
-async def _none() -> None:
-    return None

@@ -161,9 +161,10 @@ class AsyncEngineClient:
         if self.writer is None or not self.connected:
             raise EngineUnavailable("not connected to the engine")
         message_id = next(self.ids)
+        frame = encode_frame({"v": PROTOCOL_VERSION, "id": message_id, "type": kind, **fields})
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[message_id] = future
-        self.writer.write(encode_frame({"v": PROTOCOL_VERSION, "id": message_id, "type": kind, **fields}))
+        self.writer.write(frame)
         return message_id, future
 
     async def send(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
@@ -210,7 +211,8 @@ class AsyncEngineClient:
             return  # told already, or the connection is gone
         future.cancel()
         with contextlib.suppress(EngineError):
-            self.submit("cancel", target=message_id)
+            _, reply = self.submit("cancel", target=message_id)
+            reply.add_done_callback(_ignore)  # nobody reads it, not even a lost connection's error
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -296,3 +298,8 @@ def _log_tail(path: Path) -> str:
     except OSError:
         return "(no log)"
     return lines[-1] if lines else "(empty log)"
+
+
+def _ignore(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
