@@ -27,3 +27,12 @@ def test_engine_latency_smoke(tiny_model_dir) -> None:
     assert summary["forward"] == "lean"  # and side by side with transformers' forward:
     assert summary["decoder_step_ms"] > 0 and summary["transformers_decoder_step_ms"] > 0
     assert summary["warm_over_cold_transformers_forward"] > 0
+
+
+def test_engine_latency_cancels_a_fill_of_the_shipped_absorbing_noise_model() -> None:
+    """The shipped model converges in 1-2 steps, so a cancel sent mid-fill usually arrives after the fill ended:
+    the benchmark makes its cancelled fills long and counts only fills that really stopped (it once reported 0 ms,
+    then nothing, on this model while the tiny uniform-noise model above measured fine)."""
+    summary = run_benchmark("benchmarks.engine_latency", "--requests", "2", "--repeats", "1")
+    assert summary["cancel_ms"] is not None and summary["cancel_steps"] is not None
+    assert summary["cancel_ms"] > 0
