@@ -73,25 +73,7 @@ class Prefetch:
 dispatched_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("dispatched_version", default=None)
 
 
-async def suggest(
-    session: Session,
-    uri: str,
-    position: types.Position,
-    invoked: bool,
-    selected: types.SelectedCompletionInfo | None = None,
-    channel: str = "",
-    version: int | None = None,
-) -> Suggested | None:
-    """Suggestions at `position` of the open document `uri`, best first; None when there is nothing to say
-    (or, with `version`, when the document is no longer at that version).
-
-    Requests on one `channel` of a document supersede each other (inline completions and the completion
-    fallback use different channels, so a client that asks for both gets both).
-    """
-    return await start_suggest(session, uri, position, invoked, selected, channel, version)
-
-
-def start_suggest(
+def suggest(
     session: Session,
     uri: str,
     position: types.Position,
@@ -101,12 +83,16 @@ def start_suggest(
     version: int | None = None,
     prefetch: bool = False,
 ) -> Coroutine[Any, Any, Suggested | None]:
-    """`suggest`, begun before this returns: the document read, the typed-through cache asked and, for documents
-    up to INLINE_CONTEXT_CHARS, the context built and the fill written to the engine (an incremental parse and a
-    context take ~0.3-1 ms, less than a hop to a worker thread and back under load; larger documents get their
-    context built on a thread, so that parsing a large file never stalls other requests). The coroutine returned
-    waits for the answer. A `prefetch` counts nothing and publishes no status: the request that takes it over
-    does (`inline_completion`)."""
+    """Suggestions at `position` of the open document `uri`, best first, as a coroutine to await; None when there
+    is nothing to say (or, with `version`, when the document is no longer at that version).
+
+    Begun before this returns: the document read, the typed-through cache asked and, for documents up to
+    INLINE_CONTEXT_CHARS, the context built and the fill written to the engine (an incremental parse and a context
+    take ~0.3-1 ms, less than a hop to a worker thread and back under load; larger documents get their context
+    built on a thread, so that parsing a large file never stalls other requests). Requests on one `channel` of a
+    document supersede each other (inline completions and the completion fallback use different channels, so a
+    client that asks for both gets both). A `prefetch` counts nothing and publishes no status: the request that
+    takes it over does (`inline_completion`)."""
     snapshot = DocumentSnapshot.of(session.server.workspace, uri)
     if snapshot is None or session.shutting_down or (version is not None and snapshot.version != version):
         return _value(None)
@@ -197,7 +183,7 @@ async def _answer_later(session: Session, ask: _Ask) -> Suggested | None:
 
 async def context_for(text: str, *args: Any) -> CompletionContext:
     """`build_context` on the event loop for documents up to INLINE_CONTEXT_CHARS, else on a thread (see
-    `start_suggest`)."""
+    `suggest`)."""
     if len(text) <= INLINE_CONTEXT_CHARS:
         return build_context(text, *args)
     return await asyncio.to_thread(build_context, text, *args)
@@ -317,7 +303,7 @@ def did_change(session: Session, params: types.DidChangeTextDocumentParams) -> N
         return
     try:  # begun now (the fill is written to the engine before the next message is read), awaited in a task
         before = session.latest.get(uri)
-        started = start_suggest(session, uri, position, invoked=False, version=snapshot.version, prefetch=True)
+        started = suggest(session, uri, position, invoked=False, version=snapshot.version, prefetch=True)
     except Exception as exc:  # a prefetch is optional: the editor's request tries again and reports
         log.warning("prefetch failed: %s: %s", type(exc).__name__, exc)
         return

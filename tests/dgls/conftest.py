@@ -68,6 +68,11 @@ def engine_status(path: Path) -> dict[str, Any]:
         return client.status()
 
 
+def idle(status: dict[str, Any]) -> bool:
+    """An engine status with nothing running or queued."""
+    return not status.get("running") and not status.get("queued")
+
+
 async def wait_engine(path: Path, predicate: Any, timeout: float = 30) -> dict[str, Any]:
     """Poll the engine's own status until `predicate` holds (e.g. a fill is running)."""
     deadline = time.monotonic() + timeout

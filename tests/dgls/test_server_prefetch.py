@@ -8,6 +8,8 @@ server sends waits in the engine's queue, where the tests can see it before the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from tests.dgls.conftest import (
     BusyEngine,
     change_document,
     engine_status,
+    idle,
     inline_params,
     lsp_client,
     open_document,
@@ -32,59 +35,52 @@ TEXT = "def add(a, b):\n    return a\n"
 LINE, COLUMN = 1, 12  # after "return a"
 
 
-def idle(status: dict[str, Any]) -> bool:
-    return not status.get("running") and not status.get("queued")
-
-
 def type_char(client: Any, version: int, column: int, char: str = " ") -> None:
     at = types.Position(LINE, column)
     change_document(client, URI, version, char, types.Range(at, at))
 
 
-async def armed(client: Any) -> None:
-    """Open the document and ask once automatically, as an editor does after the first keystroke (elsewhere than
-    where the test types, so that typing there never continues a cached suggestion)."""
-    open_document(client, URI, TEXT)
-    await client.text_document_inline_completion_async(inline_params(URI, 0, 14))
-
-
-async def test_the_request_after_a_keystroke_takes_over_the_fill_its_didchange_started(options, engine_socket) -> None:
+@contextlib.asynccontextmanager
+async def keystroke_prefetched(options: dict[str, Any], engine_socket: Any) -> AsyncIterator[tuple[Any, BusyEngine,
+                                                                                                     int]]:
+    """A server whose editor has asked once automatically (elsewhere than where the test types, so that typing
+    never continues a cached suggestion), then a keystroke whose prefetched fill waits in the busy engine before
+    anyone asks. Yields the client, the blockers and the engine's `requests_served` before the keystroke."""
     async with lsp_client(options) as client:
-        await armed(client)
+        open_document(client, URI, TEXT)
+        await client.text_document_inline_completion_async(inline_params(URI, 0, 14))
         await wait_engine(engine_socket, idle)
         served = engine_status(engine_socket)["requests_served"]
         async with BusyEngine(engine_socket) as busy:
             type_char(client, 2, COLUMN)
             await busy.wait_queued()  # the keystroke's fill waits in the engine: nobody has asked yet
-            result = await asyncio.wait_for(client.text_document_inline_completion_async(
-                inline_params(URI, LINE, COLUMN + 1)), timeout=60)
-        for item in result.items:
-            assert item.range.start == types.Position(LINE, COLUMN + 1)
-        status = await wait_engine(engine_socket, idle)
-        assert status["requests_served"] == served + busy.finished + 1  # one fill for the keystroke, not two
+            yield client, busy, served
+
+
+async def test_the_request_after_a_keystroke_takes_over_the_fill_its_didchange_started(options, engine_socket) -> None:
+    async with keystroke_prefetched(options, engine_socket) as (client, busy, served):
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(
+            inline_params(URI, LINE, COLUMN + 1)), timeout=60)
         stats = await server_status(client)
-        assert stats["prefetches"] == 1 and stats["prefetchesUsed"] == 1
+    for item in result.items:
+        assert item.range.start == types.Position(LINE, COLUMN + 1)
+    assert stats["prefetches"] == 1 and stats["prefetchesUsed"] == 1
+    status = await wait_engine(engine_socket, idle)
+    assert status["requests_served"] == served + busy.finished + 1  # one fill for the keystroke, not two
 
 
 async def test_a_request_elsewhere_supersedes_the_prefetch(options, engine_socket) -> None:
-    async with lsp_client(options) as client:
-        await armed(client)
-        await wait_engine(engine_socket, idle)
-        served = engine_status(engine_socket)["requests_served"]
-        async with BusyEngine(engine_socket) as busy:
-            type_char(client, 2, COLUMN)
-            await busy.wait_queued()
-            # the editor asks at another place (its cursor moved): that request replaces the prefetch
-            elsewhere = asyncio.ensure_future(client.text_document_inline_completion_async(
-                inline_params(URI, 0, 9)))
-            await busy.wait_queued()
+    async with keystroke_prefetched(options, engine_socket) as (client, busy, served):
+        # the editor asks at another place (its cursor moved): that request replaces the prefetch
+        elsewhere = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(URI, 0, 9)))
+        await busy.wait_queued()
         result = await asyncio.wait_for(elsewhere, timeout=60)
-        for item in result.items:
-            assert item.range.start == types.Position(0, 9)
-        status = await wait_engine(engine_socket, idle)
-        assert status["requests_served"] == served + busy.finished + 1  # the superseded prefetch never ran
         stats = await server_status(client)
-        assert stats["prefetches"] == 1 and stats["prefetchesUsed"] == 0
+    for item in result.items:
+        assert item.range.start == types.Position(0, 9)
+    assert stats["prefetches"] == 1 and stats["prefetchesUsed"] == 0
+    status = await wait_engine(engine_socket, idle)
+    assert status["requests_served"] == served + busy.finished + 1  # the superseded prefetch never ran
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
@@ -103,23 +99,17 @@ async def test_keystrokes_prefetch_only_where_the_editor_asks_automatically(opti
 
 
 async def test_cancelling_a_request_that_took_over_a_prefetch_stops_its_fill(options, engine_socket) -> None:
-    async with lsp_client(options) as client:
-        await armed(client)
-        await wait_engine(engine_socket, idle)
-        served = engine_status(engine_socket)["requests_served"]
-        async with BusyEngine(engine_socket) as busy:
-            type_char(client, 2, COLUMN)
-            await busy.wait_queued()
-            pending = asyncio.ensure_future(client.protocol.send_request_async(
-                types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, LINE, COLUMN + 1), msg_id="cancel-me"))
-            await asyncio.sleep(0)  # sent before the status command below
-            assert (await server_status(client))["prefetchesUsed"] == 1  # taken over, still waiting in the engine
-            client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
-            with pytest.raises(JsonRpcRequestCancelled):
-                await asyncio.wait_for(pending, timeout=10)
-            await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
-        status = await wait_engine(engine_socket, idle)
-        assert status["requests_served"] == served + busy.finished  # the prefetched fill never ran
+    async with keystroke_prefetched(options, engine_socket) as (client, busy, served):
+        pending = asyncio.ensure_future(client.protocol.send_request_async(
+            types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(URI, LINE, COLUMN + 1), msg_id="cancel-me"))
+        await asyncio.sleep(0)  # sent before the status command below
+        assert (await server_status(client))["prefetchesUsed"] == 1  # taken over, still waiting in the engine
+        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
+        with pytest.raises(JsonRpcRequestCancelled):
+            await asyncio.wait_for(pending, timeout=10)
+        await wait_engine(engine_socket, lambda s: s["queued"] + int(s["running"]) <= busy.waiting())
+    status = await wait_engine(engine_socket, idle)
+    assert status["requests_served"] == served + busy.finished  # the prefetched fill never ran
 
 
 async def test_a_request_whose_document_changed_before_it_ran_is_answered_empty(tmp_path) -> None:

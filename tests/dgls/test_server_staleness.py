@@ -24,6 +24,7 @@ from tests.dgls.conftest import (
     BusyEngine,
     change_document,
     engine_status,
+    idle,
     inline_params,
     lsp_client,
     open_document,
@@ -35,10 +36,6 @@ from tests.dgls.conftest import (
 URI = "file:///work/demo/slow.py"
 TEXT = "def add(a, b):\n    \n"
 LINE, COLUMN = 1, 4
-
-
-def idle(status: dict[str, Any]) -> bool:
-    return not status.get("running") and not status.get("queued")
 
 
 async def queued(busy: BusyEngine, request: Awaitable[Any]) -> asyncio.Future[Any]:
