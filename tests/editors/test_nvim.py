@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -264,6 +265,10 @@ def test_ghost_text_appears_and_is_accepted(nvim_factory: Callable[..., Nvim], s
     stats = server_stats(nvim)
     counter = "accepted" if key == "<Tab>" else "partiallyAccepted"
     assert f"{counter} = 1" in stats and "shown = 0" not in stats, stats
+    # accepting was a keystroke after an automatic request: the server prefetched its fill on the didChange, and
+    # the editor's next request (after its debounce) took it over
+    wait_for(lambda: re.search(r"prefetchesUsed = [1-9]", server_stats(nvim)), 30,
+             "the request after accepting to take over the prefetched fill")
 
 
 def buffer_text(nvim: Nvim) -> str:
