@@ -157,7 +157,7 @@ class EngineLink:
         ready, the request is written to it before this returns (the fill starts now, not when a task first
         runs: on a keystroke's `didChange` that is only after the messages read with it). While the engine first
         starts, the task waits up to `wait_s` for it; while it restarts or cannot be started, it fails at once.
-        Raises EngineError with the engine's code (`unavailable`: no engine)."""
+        The task raises EngineError with the engine's code (`unavailable`: no engine)."""
         client = self.client
         if self.ready.is_set() and client is not None and client.connected:
             with contextlib.suppress(EngineUnavailable):  # gone meanwhile: the slow path notices and reports
