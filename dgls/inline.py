@@ -237,8 +237,8 @@ async def inline_completion(
     selected = context.selected_completion_info
     uri = params.text_document.uri
     snapshot = DocumentSnapshot.of(session.server.workspace, uri)
-    if snapshot is not None and dispatched_version.get() not in (None, snapshot.version):
-        return types.InlineCompletionList(items=[])  # typed on since it was asked: its answer would be stale
+    if _stale(snapshot):
+        return types.InlineCompletionList(items=[])
     prefetched = session.prefetches.pop(uri, None)
     if not invoked and selected is None:
         session.prefetch_armed[uri] = time.monotonic() + PREFETCH_ARMED_S
@@ -268,9 +268,8 @@ async def completion(session: Session, params: types.CompletionParams) -> types.
     """One item with a `textEdit`, for clients without inline completion."""
     trigger = params.context.trigger_kind if params.context else types.CompletionTriggerKind.Invoked
     invoked = trigger == types.CompletionTriggerKind.Invoked
-    snapshot = DocumentSnapshot.of(session.server.workspace, params.text_document.uri)
-    if snapshot is not None and dispatched_version.get() not in (None, snapshot.version):
-        return types.CompletionList(is_incomplete=True, items=[])  # typed on since it was asked
+    if _stale(DocumentSnapshot.of(session.server.workspace, params.text_document.uri)):
+        return types.CompletionList(is_incomplete=True, items=[])
     suggested = await suggest(session, params.text_document.uri, params.position, invoked, channel="#completion")
     if suggested is None or not suggested.suggestions:
         return types.CompletionList(is_incomplete=True, items=[])
@@ -283,6 +282,12 @@ async def completion(session: Session, params: types.CompletionParams) -> types.
         command=types.Command(title="dgls: accepted", command=ACCEPT_COMMAND, arguments=[suggested.item_ids[0]]),
     )
     return types.CompletionList(is_incomplete=True, items=[item])
+
+
+def _stale(snapshot: DocumentSnapshot | None) -> bool:
+    """Whether the document changed after the request being handled was sent (`dispatched_version`): its answer
+    would be for text the editor no longer shows."""
+    return snapshot is not None and dispatched_version.get() not in (None, snapshot.version)
 
 
 def did_change(session: Session, params: types.DidChangeTextDocumentParams) -> None:
