@@ -3,7 +3,8 @@
 Owns the training loop: the run directory (cached corpus, tokenizer, resumable ``checkpoint.pt``,
 ``loss.csv``), length-bucketed batches, AdamW with warmup and a cosine decay over the step or time budget,
 periodic held-out validation loss, and the final export of the HF layout to ``OUT/model`` (and to
-``--export DIR`` atomically, e.g. ``engine/default_model``).
+``--export DIR`` atomically, e.g. ``engine/default_model``). ``--init DIR`` starts from an exported model's
+weights and tokenizer (continue training the shipped model) with a fresh optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="step budget")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to resume from")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="exported model directory (e.g. engine/default_model) whose weights and tokenizer "
+                             "start this run; its TRAINING.json is carried into the new one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset", choices=tuple(model_config.PRESETS), default="small")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -69,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sdpa-kernels: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SDPA_BACKENDS)}")
     if args.minutes is None and args.steps is None:
         parser.error("give --minutes and/or --steps")
+    if args.init is not None and args.resume is not None:
+        parser.error("--init and --resume both set the weights: --resume continues a run directory's checkpoint, "
+                     "--init starts a new run from an exported model; give one")
+    if args.init is not None and not (args.init / "model.safetensors").is_file():
+        parser.error(f"--init {args.init}: no model.safetensors there; give an exported model directory "
+                     "(engine/default_model, or a run's OUT/model)")
     return args
 
 
@@ -84,8 +94,17 @@ def load_corpus(directory: Path) -> tuple[list[corpus.SourceFile], list[corpus.S
     return train, heldout, json.loads((directory / "sources.json").read_text())
 
 
-def load_tokenizer(out: Path, train: list[corpus.SourceFile]) -> PreTrainedTokenizerBase:
+def load_tokenizer(out: Path, train: list[corpus.SourceFile], init: Path | None = None) -> PreTrainedTokenizerBase:
     directory = out / "tokenizer"
+    if init is not None:  # the weights' token ids are the init model's: its tokenizer, or one identical to it
+        theirs = (init / "tokenizer.json").read_bytes()
+        if not (directory / "tokenizer.json").exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (directory / name).write_bytes((init / name).read_bytes())
+        elif (directory / "tokenizer.json").read_bytes() != theirs:
+            raise SystemExit(f"{directory} differs from {init}'s tokenizer, whose ids the --init weights use; "
+                             f"remove {directory} (the run copies {init}'s) or give another --out")
     if not (directory / "tokenizer.json").exists():
         texts = tokenizer_lib.sample_texts([s.text for s in train], max_chars=20_000_000)
         tokenizer_lib.save(tokenizer_lib.train_tokenizer(texts), directory)
@@ -180,9 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     train_files, heldout_files, sources = load_corpus(args.corpus)
-    tokenizer = load_tokenizer(args.out, train_files)
+    tokenizer = load_tokenizer(args.out, train_files, args.init)
     config = model_config.build_config(args.preset, vocab_size=len(tokenizer))
-    model = model_config.build_model(config, seed=args.seed, attention=args.attention).to(args.device)
+    model = model_config.build_model(config, seed=args.seed, attention=args.attention)
+    earlier = load_init(model, args.init, args.preset) if args.init is not None else None
+    model.to(args.device)
     if args.experts != "auto":
         model.set_experts_implementation(args.experts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -206,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = next(batches_in)
         waited += time.monotonic() - fetch_started  # only the wait for data
         elapsed = time.monotonic() - started
-        if (args.steps and step >= args.steps) or (args.minutes and elapsed >= 60 * args.minutes):
+        if (args.steps is not None and step >= args.steps) or (args.minutes and elapsed >= 60 * args.minutes):
             break
         lr = learning_rate(args, step, elapsed)
         for group in optimizer.param_groups:
@@ -255,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
                 "final_train_loss": rows[-1]["loss"], "final_val_loss": round(final_val, 4),
                 "train_files": len(train_files), "heldout_files": len(heldout_files),
                 "train_chars": sum(len(s.text) for s in train_files)}
+    if earlier is not None:
+        training["initialized_from"] = earlier
+        training["total_steps"] = step + earlier.get("total_steps", earlier.get("steps", 0))
+        training["total_train_seconds"] = round(
+            elapsed + earlier.get("total_train_seconds", earlier.get("train_seconds", 0.0)), 1)
     model.cpu()
     sampler = None
     if args.sampler is not None and args.sampler.exists():
@@ -263,6 +289,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.export is not None:
         export.write(model, tokenizer, args.export, sources, training, sampler)
     print(json.dumps({"done": training}), flush=True)
+
+
+def load_init(model: DiffusionGemmaForBlockDiffusion, directory: Path, preset: str) -> dict:
+    """Copy an exported model's weights into ``model``; returns what its TRAINING.json says (plus its path)."""
+    trained = DiffusionGemmaForBlockDiffusion.from_pretrained(str(directory), dtype=torch.float32)
+    theirs, ours = trained.state_dict(), model.state_dict()
+    differ = sorted(name for name in ours if name not in theirs or theirs[name].shape != ours[name].shape)
+    if differ:
+        raise SystemExit(f"--init {directory}: its architecture is not preset {preset!r} ({len(differ)} weights "
+                         f"differ, first {differ[0]}); give the --preset it was trained with")
+    model.load_state_dict(theirs)
+    record = directory / "TRAINING.json"
+    earlier = json.loads(record.read_text()) if record.exists() else {}
+    return {**earlier, "path": str(directory)}
 
 
 def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,

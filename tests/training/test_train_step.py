@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerFast
 
@@ -207,3 +208,43 @@ SAMPLE_TEXTS = [
     "        return (self.x ** 2 + self.y ** 2) ** 0.5\n",
     "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n    else:\n        continue\nprint('done')\n",
 ]
+
+
+def test_init_continues_an_exported_model(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    """--init starts from an exported model's weights (not a fresh draw) and carries its training record."""
+    from engine.training import train
+
+    data, out = _run_dir(tmp_path, tokenizer)
+    common = ["--corpus", str(data), "--preset", "tiny", "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
+    train.main(["--out", str(out), "--steps", "3", *common])
+    first = DiffusionGemmaForBlockDiffusion.from_pretrained(str(out / "model"))
+    again = tmp_path / "again"
+    train.main(["--out", str(again), "--init", str(out / "model"), "--steps", "0", *common])
+    kept = DiffusionGemmaForBlockDiffusion.from_pretrained(str(again / "model"))
+    theirs, ours = first.state_dict(), kept.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert (again / "tokenizer" / "tokenizer.json").read_bytes() == (out / "model" / "tokenizer.json").read_bytes()
+    more = tmp_path / "more"
+    train.main(["--out", str(more), "--init", str(out / "model"), "--steps", "2", "--seed", "1", *common])
+    record = json.loads((more / "model" / "TRAINING.json").read_text())
+    assert record["steps"] == 2 and record["total_steps"] == 5
+    assert record["initialized_from"]["steps"] == 3 and record["initialized_from"]["path"] == str(out / "model")
+
+
+def test_init_refuses_another_architecture_or_tokenizer(tmp_path: Path, tokenizer: PreTrainedTokenizerFast,
+                                                        capsys) -> None:
+    from engine.training import train
+
+    data, out = _run_dir(tmp_path, tokenizer)
+    common = ["--corpus", str(data), "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
+    train.main(["--out", str(out), "--steps", "1", "--preset", "tiny", *common])
+    with pytest.raises(SystemExit, match="not preset 'small'"):
+        train.main(["--out", str(tmp_path / "big"), "--init", str(out / "model"), "--steps", "1", *common])
+    other = tmp_path / "other"
+    (other / "tokenizer").mkdir(parents=True)
+    (other / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit, match="differs from"):
+        train.main(["--out", str(other), "--init", str(out / "model"), "--steps", "1", "--preset", "tiny", *common])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--steps", "1", "--init", str(tmp_path)])
+    assert "no model.safetensors" in capsys.readouterr().err
