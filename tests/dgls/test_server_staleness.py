@@ -114,14 +114,26 @@ async def test_cancelling_a_rewrite_command_reaches_the_engine(options, engine_s
         assert "WorkDoneProgressBegin" in kinds and "WorkDoneProgressEnd" in kinds
 
 
+async def progress_token(client: Any, title: str) -> Any:
+    """The token of the work-done progress titled `title`, once the client has read its begin (it can trail the
+    engine's queueing of the fill: the client reads its pipe on its own schedule)."""
+    for _ in range(500):
+        tokens = [token for token, reports in client.progress_reports.items()
+                  if any(getattr(value, "title", "") == title for value in reports)]
+        if tokens:
+            (token,) = tokens
+            return token
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no work-done progress {title!r} began within 5 s")
+
+
 async def test_cancelling_the_work_done_progress_cancels_the_rewrite(options, engine_socket) -> None:
     async with lsp_client(options) as client:
         open_document(client, URI, TEXT)
         served = engine_status(engine_socket)["requests_served"]
         async with BusyEngine(engine_socket) as busy:
             pending = await queued(busy, client.workspace_execute_command_async(rewrite_params(1)))
-            (token,) = [token for token, reports in client.progress_reports.items()
-                        if any(getattr(value, "title", "") == "dgls: rewriting the selection" for value in reports)]
+            token = await progress_token(client, "dgls: rewriting the selection")
             client.window_work_done_progress_cancel(types.WorkDoneProgressCancelParams(token=token))
             with pytest.raises(JsonRpcRequestCancelled):
                 await asyncio.wait_for(pending, timeout=10)
