@@ -6,7 +6,8 @@ self-conditioning on the previous step's logits, ``<mask>`` never emitted, early
 the first ``<eos>`` is still masked) and the exact-match / latency measurement used to pick the
 ``generation_config.json`` defaults. It is a training-side check, not the engine.
 
-``python -m engine.training.evaluate MODEL_DIR [--tasks benchmarks/data/heldout_single_line.jsonl] [--grid]``
+``python -m engine.training.evaluate MODEL_DIR [--tasks benchmarks/data/heldout_single_line.jsonl] [--grid]
+[--sampler-out FILE]``: ``FILE`` gets the best sampler as ``train --sampler`` takes it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", action="store_true", help="search GRID and print the best sampler last")
+    parser.add_argument("--sampler-out", type=Path, help="write the best sampler here (JSON for train --sampler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(args.model), dtype=torch.float32).eval()
@@ -119,6 +121,11 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     best = max(results, key=lambda r: (r["exact_match"], r["edit_similarity"], -r["median_latency_ms"]))
     print(json.dumps({"best": best}))
+    if args.sampler_out is not None:
+        keep = {key: best[key] for key in ("max_denoising_steps", "t_min", "t_max", "entropy_bound")}
+        keep.update(stability_threshold=generation.stability_threshold,
+                    confidence_threshold=generation.confidence_threshold)
+        args.sampler_out.write_text(json.dumps(keep) + "\n")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,17 @@ def main() -> None:
     model.load_state_dict(state["model"])
     sampler_file = run / "sampler.json"
     sampler = json.loads(sampler_file.read_text()) if sampler_file.exists() else None
-    write(model, tokenizer, target, training={"steps": state["step"], "train_seconds": state["elapsed_s"]},
-          sampler=sampler)
+    finished = run / "model"  # the run's own export, when it got that far: its corpus record and full history
+    sources = json.loads((finished / "SOURCES.json").read_text()) if (finished / "SOURCES.json").exists() else None
+    record = json.loads((finished / "TRAINING.json").read_text()) if (finished / "TRAINING.json").exists() else {}
+    training: dict[str, Any] = {"steps": state["step"], "train_seconds": state["elapsed_s"]}
+    if record.get("steps") == state["step"]:
+        training = record
+    elif state.get("initialized_from"):  # a continued run: keep where it came from
+        from engine.training import continuation
+
+        training.update(continuation.totals(state["initialized_from"], state["step"], state["elapsed_s"]))
+    write(model, tokenizer, target, sources=sources, training=training, sampler=sampler)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Owns the training loop: the run directory (cached corpus, tokenizer, resumable ``checkpoint.pt``,
 ``loss.csv``), length-bucketed batches, AdamW with warmup and a cosine decay over the step or time budget,
 periodic held-out validation loss, and the final export of the HF layout to ``OUT/model`` (and to
-``--export DIR`` atomically, e.g. ``engine/default_model``). ``--init DIR`` starts from an exported model's
-weights and tokenizer (continue training the shipped model) with a fresh optimizer and schedule.
+``--export DIR`` atomically, e.g. ``engine/default_model``). ``--init DIR`` starts from an exported model
+(``engine.training.continuation``) with a fresh optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
 
-from engine.training import corpus, examples, export, model_config, objective
+from engine.training import continuation, corpus, examples, export, model_config, objective
 from engine.training import tokenizer as tokenizer_lib
 
 
@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to resume from")
     parser.add_argument("--init", type=Path, default=None,
-                        help="exported model directory (e.g. engine/default_model) whose weights and tokenizer "
-                             "start this run; its TRAINING.json is carried into the new one")
+                        help="exported model directory (e.g. engine/default_model) whose weights, tokenizer and "
+                             "sampler start this run; its TRAINING.json is carried into the new one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset", choices=tuple(model_config.PRESETS), default="small")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -76,9 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init is not None and args.resume is not None:
         parser.error("--init and --resume both set the weights: --resume continues a run directory's checkpoint, "
                      "--init starts a new run from an exported model; give one")
-    if args.init is not None and not (args.init / "model.safetensors").is_file():
-        parser.error(f"--init {args.init}: no model.safetensors there; give an exported model directory "
+    if args.init is not None and (lacking := continuation.missing(args.init)):
+        parser.error(f"--init {args.init}: no {', '.join(lacking)} there; give an exported model directory "
                      "(engine/default_model, or a run's OUT/model)")
+    if args.init is not None and (args.out / "checkpoint.pt").exists():
+        parser.error(f"--init starts a new run, but {args.out} holds one (checkpoint.pt); give a new --out, or "
+                     f"--resume {args.out / 'checkpoint.pt'} to continue that run")
+    if args.sampler is not None and not args.sampler.is_file():
+        parser.error(f"--sampler {args.sampler}: no such file (a JSON of sampler defaults, e.g. the best line of "
+                     "'python -m engine.training.evaluate MODEL --grid'); leave it out to keep the defaults")
     return args
 
 
@@ -97,14 +103,7 @@ def load_corpus(directory: Path) -> tuple[list[corpus.SourceFile], list[corpus.S
 def load_tokenizer(out: Path, train: list[corpus.SourceFile], init: Path | None = None) -> PreTrainedTokenizerBase:
     directory = out / "tokenizer"
     if init is not None:  # the weights' token ids are the init model's: its tokenizer, or one identical to it
-        theirs = (init / "tokenizer.json").read_bytes()
-        if not (directory / "tokenizer.json").exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                (directory / name).write_bytes((init / name).read_bytes())
-        elif (directory / "tokenizer.json").read_bytes() != theirs:
-            raise SystemExit(f"{directory} differs from {init}'s tokenizer, whose ids the --init weights use; "
-                             f"remove {directory} (the run copies {init}'s) or give another --out")
+        continuation.adopt_tokenizer(init, directory)
     if not (directory / "tokenizer.json").exists():
         texts = tokenizer_lib.sample_texts([s.text for s in train], max_chars=20_000_000)
         tokenizer_lib.save(tokenizer_lib.train_tokenizer(texts), directory)
@@ -202,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.out, train_files, args.init)
     config = model_config.build_config(args.preset, vocab_size=len(tokenizer))
     model = model_config.build_model(config, seed=args.seed, attention=args.attention)
-    earlier = load_init(model, args.init, args.preset) if args.init is not None else None
+    earlier = None
+    if args.init is not None:
+        continuation.load_weights(model, args.init, args.preset)
+        earlier = continuation.record(args.init)
     model.to(args.device)
     if args.experts != "auto":
         model.set_experts_implementation(args.experts)
@@ -213,15 +215,18 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, rows = state["step"], state["elapsed_s"], state["rows"]
+        earlier = state.get("initialized_from")
+    # a continued run draws other batches and noise than every run before it in its chain
+    offset = continuation.total_steps(earlier)
     val_stream = examples.stream(tokenizer, heldout_files, seed=999)
     val = [examples.collate([next(val_stream) for _ in range(args.batch_size)]) for _ in range(4)]
-    generator = torch.Generator().manual_seed(args.seed + step)
+    generator = torch.Generator().manual_seed(args.seed + offset + step)
     print(json.dumps({"parameters": model_config.parameter_count(model), "train_files": len(train_files),
                       "heldout_files": len(heldout_files), "start_step": step}), flush=True)
     model.train()
     running, running_ar, started = [], [], time.monotonic() - elapsed
     start_step, skipped, waited = step, 0, 0.0
-    batches_in = batch_stream(args, tokenizer, train_files, step)
+    batches_in = batch_stream(args, tokenizer, train_files, offset + step)
     while True:
         fetch_started = time.monotonic()
         batch = next(batches_in)
@@ -260,55 +265,42 @@ def main(argv: list[str] | None = None) -> None:
             running, running_ar = [], []
             print(json.dumps({**row, "skipped": skipped, "data_wait_s": round(waited, 1)}), flush=True)
         if step % args.checkpoint_every == 0:
-            save_checkpoint(args.out, model, optimizer, step, time.monotonic() - started, rows, args.preset)
+            save_checkpoint(args.out, model, optimizer, step, time.monotonic() - started, rows, args.preset, earlier)
     elapsed = time.monotonic() - started
     final_val = validation_loss(model, val, args)
     rows.append({"step": step, "elapsed_s": round(elapsed, 1), "lr": 0.0,
                  "loss": round(sum(running) / len(running), 4) if running else rows[-1]["loss"] if rows else "",
                  "val_loss": round(final_val, 4)})
-    save_checkpoint(args.out, model, optimizer, step, elapsed, rows, args.preset)
+    save_checkpoint(args.out, model, optimizer, step, elapsed, rows, args.preset, earlier)
     training = {"parameters": model_config.parameter_count(model), "steps": step,
                 "train_seconds": round(elapsed, 1), "batch_size": args.batch_size, "threads": args.threads,
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 "workers": args.workers, "attention": args.attention, "sdpa_kernels": args.sdpa_kernels,
                 "nonfinite_steps_skipped": skipped, "data_wait_s": round(waited, 1),  # this session's
-                "ar_weight": args.ar_weight,
+                "ar_weight": args.ar_weight, "preset": args.preset, "seed": args.seed, "data_seed": args.seed + offset,
+                "lr": args.lr, "warmup": args.warmup, "minutes": args.minutes, "steps_budget": args.steps,
+                "noise_copies": args.noise_copies, "precision": args.precision,
                 "final_train_loss": rows[-1]["loss"], "final_val_loss": round(final_val, 4),
                 "train_files": len(train_files), "heldout_files": len(heldout_files),
                 "train_chars": sum(len(s.text) for s in train_files)}
     if earlier is not None:
-        training["initialized_from"] = earlier
-        training["total_steps"] = step + earlier.get("total_steps", earlier.get("steps", 0))
-        training["total_train_seconds"] = round(
-            elapsed + earlier.get("total_train_seconds", earlier.get("train_seconds", 0.0)), 1)
+        training.update(continuation.totals(earlier, step, elapsed))
     model.cpu()
     sampler = None
-    if args.sampler is not None and args.sampler.exists():
+    if args.sampler is not None:
         sampler = json.loads(args.sampler.read_text())
+    elif args.init is not None:  # keep the tuned sampler the continued model shipped with
+        sampler = continuation.sampler(args.init)
     export.write(model, tokenizer, args.out / "model", sources, training, sampler)
     if args.export is not None:
         export.write(model, tokenizer, args.export, sources, training, sampler)
     print(json.dumps({"done": training}), flush=True)
 
 
-def load_init(model: DiffusionGemmaForBlockDiffusion, directory: Path, preset: str) -> dict:
-    """Copy an exported model's weights into ``model``; returns what its TRAINING.json says (plus its path)."""
-    trained = DiffusionGemmaForBlockDiffusion.from_pretrained(str(directory), dtype=torch.float32)
-    theirs, ours = trained.state_dict(), model.state_dict()
-    differ = sorted(name for name in ours if name not in theirs or theirs[name].shape != ours[name].shape)
-    if differ:
-        raise SystemExit(f"--init {directory}: its architecture is not preset {preset!r} ({len(differ)} weights "
-                         f"differ, first {differ[0]}); give the --preset it was trained with")
-    model.load_state_dict(theirs)
-    record = directory / "TRAINING.json"
-    earlier = json.loads(record.read_text()) if record.exists() else {}
-    return {**earlier, "path": str(directory)}
-
-
 def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    elapsed: float, rows: list[dict], preset: str) -> None:
+                    elapsed: float, rows: list[dict], preset: str, initialized_from: dict | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "elapsed_s": elapsed, "rows": rows, "preset": preset}
+             "elapsed_s": elapsed, "rows": rows, "preset": preset, "initialized_from": initialized_from}
     torch.save(state, out / "checkpoint.pt.tmp")
     os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
     with (out / "loss.csv").open("w", newline="") as handle:

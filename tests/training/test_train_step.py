@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -211,24 +213,57 @@ SAMPLE_TEXTS = [
 
 
 def test_init_continues_an_exported_model(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
-    """--init starts from an exported model's weights (not a fresh draw) and carries its training record."""
+    """--init starts from an exported model's weights (not a fresh draw), keeps its tokenizer and sampler, and
+    its record chains: each run's TRAINING.json holds the one before, with the chain's totals."""
     from engine.training import train
 
     data, out = _run_dir(tmp_path, tokenizer)
     common = ["--corpus", str(data), "--preset", "tiny", "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
-    train.main(["--out", str(out), "--steps", "3", *common])
+    sampler = tmp_path / "sampler.json"
+    sampler.write_text(json.dumps({"max_denoising_steps": 5, "t_max": 0.7, "entropy_bound": 0.9}))
+    train.main(["--out", str(out), "--steps", "3", "--sampler", str(sampler), *common])
     first = DiffusionGemmaForBlockDiffusion.from_pretrained(str(out / "model"))
-    again = tmp_path / "again"
-    train.main(["--out", str(again), "--init", str(out / "model"), "--steps", "0", *common])
+    again = tmp_path / "again"  # a budget of 0 steps (the minutes are a backstop): the weights pass through
+    train.main(["--out", str(again), "--init", str(out / "model"), "--steps", "0", "--minutes", "0.05", *common])
     kept = DiffusionGemmaForBlockDiffusion.from_pretrained(str(again / "model"))
     theirs, ours = first.state_dict(), kept.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert (again / "tokenizer" / "tokenizer.json").read_bytes() == (out / "model" / "tokenizer.json").read_bytes()
+    carried = json.loads((again / "model" / "generation_config.json").read_text())
+    carried_sampler = (carried["max_denoising_steps"], carried["t_max"], carried["sampler_config"]["entropy_bound"])
+    assert carried_sampler == (5, 0.7, 0.9)
     more = tmp_path / "more"
-    train.main(["--out", str(more), "--init", str(out / "model"), "--steps", "2", "--seed", "1", *common])
+    train.main(["--out", str(more), "--init", str(again / "model"), "--steps", "2", *common])
     record = json.loads((more / "model" / "TRAINING.json").read_text())
-    assert record["steps"] == 2 and record["total_steps"] == 5
-    assert record["initialized_from"]["steps"] == 3 and record["initialized_from"]["path"] == str(out / "model")
+    assert record["steps"] == 2 and record["total_steps"] == 5 and record["data_seed"] == 3
+    before = record["initialized_from"]
+    assert before["total_steps"] == 3 and before["initialized_from"]["steps"] == 3
+    assert record["initialized_from"]["path"] == str((again / "model").resolve())
+    assert len(record["initialized_from"]["model_sha256"]) == 64
+    seconds = record["train_seconds"] + record["initialized_from"]["total_train_seconds"]
+    assert record["total_train_seconds"] == pytest.approx(seconds, abs=0.11)
+
+
+def test_a_resumed_continuation_keeps_its_chain(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    """An interrupted --init run resumed from its checkpoint (and the export of that checkpoint) still says
+    where it came from."""
+    from engine.training import export, train
+
+    data, out = _run_dir(tmp_path, tokenizer)
+    common = ["--corpus", str(data), "--preset", "tiny", "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
+    train.main(["--out", str(out), "--steps", "2", *common])
+    later = tmp_path / "later"
+    (later / "tokenizer").mkdir(parents=True)  # an identical tokenizer already there is accepted
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (later / "tokenizer" / name).write_bytes((out / "model" / name).read_bytes())
+    train.main(["--out", str(later), "--init", str(out / "model"), "--steps", "1", *common])
+    train.main(["--out", str(later), "--resume", str(later / "checkpoint.pt"), "--steps", "2", *common])
+    record = json.loads((later / "model" / "TRAINING.json").read_text())
+    assert record["steps"] == 2 and record["total_steps"] == 4 and record["initialized_from"]["steps"] == 2
+    with mock.patch.object(sys, "argv", ["export", str(later), str(tmp_path / "exported")]):
+        export.main()
+    exported = json.loads((tmp_path / "exported" / "TRAINING.json").read_text())
+    assert exported["total_steps"] == 4 and exported["initialized_from"]["steps"] == 2
 
 
 def test_init_refuses_another_architecture_or_tokenizer(tmp_path: Path, tokenizer: PreTrainedTokenizerFast,
@@ -238,13 +273,45 @@ def test_init_refuses_another_architecture_or_tokenizer(tmp_path: Path, tokenize
     data, out = _run_dir(tmp_path, tokenizer)
     common = ["--corpus", str(data), "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
     train.main(["--out", str(out), "--steps", "1", "--preset", "tiny", *common])
-    with pytest.raises(SystemExit, match="not preset 'small'"):
+    with pytest.raises(SystemExit, match="not preset 'small'.*give the --preset"):
         train.main(["--out", str(tmp_path / "big"), "--init", str(out / "model"), "--steps", "1", *common])
     other = tmp_path / "other"
     (other / "tokenizer").mkdir(parents=True)
     (other / "tokenizer" / "tokenizer.json").write_text("{}")
     with pytest.raises(SystemExit, match="differs from"):
         train.main(["--out", str(other), "--init", str(out / "model"), "--steps", "1", "--preset", "tiny", *common])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--out", "x", "--steps", "1", "--init", str(tmp_path)])
-    assert "no model.safetensors" in capsys.readouterr().err
+    refusals = [
+        (["--init", str(tmp_path)], "no model.safetensors, config.json, tokenizer.json, tokenizer_config.json"),
+        (["--init", str(out / "model"), "--resume", str(out / "checkpoint.pt")], "--init and --resume"),
+        (["--init", str(out / "model"), "--out", str(out)], "holds one (checkpoint.pt)"),
+        (["--sampler", str(tmp_path / "absent.json")], "no such file"),
+    ]
+    for extra, message in refusals:
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", str(tmp_path / "x"), "--steps", "1", *extra])
+        assert message in capsys.readouterr().err
+
+
+def test_a_tuned_sampler_reaches_the_re_export(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    """The retrain recipe: evaluate --grid --sampler-out writes the best sampler, and exporting the run again
+    carries it into generation_config.json while keeping the run's corpus record and history."""
+    from engine.training import evaluate, export, train
+
+    data, out = _run_dir(tmp_path, tokenizer)
+    train.main(["--out", str(out), "--corpus", str(data), "--preset", "tiny", "--steps", "2", "--batch-size", "4",
+                "--log-every", "2", "--eval-every", "2"])
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"prompt": "def f(x):\n", "suffix": "\n", "canonical_solution": "    return x"}) + "\n")
+    argv = ["evaluate", str(out / "model"), "--tasks", str(tasks), "--limit", "1", "--grid",
+            "--sampler-out", str(out / "sampler.json")]
+    with mock.patch.object(sys, "argv", argv):
+        evaluate.main()
+    best = json.loads((out / "sampler.json").read_text())
+    assert set(best) == set(export.DEFAULT_SAMPLER)
+    assert best["max_denoising_steps"] in evaluate.GRID["max_denoising_steps"]
+    with mock.patch.object(sys, "argv", ["export", str(out), str(tmp_path / "shipped")]):
+        export.main()
+    config = json.loads((tmp_path / "shipped" / "generation_config.json").read_text())
+    assert (config["max_denoising_steps"], config["t_max"]) == (best["max_denoising_steps"], best["t_max"])
+    assert (tmp_path / "shipped" / "SOURCES.md").exists()
+    assert json.loads((tmp_path / "shipped" / "TRAINING.json").read_text())["train_files"] == 9
