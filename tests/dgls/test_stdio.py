@@ -4,9 +4,12 @@ where it is a regular file; both answer the same messages and exit as LSP says (
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -35,13 +38,38 @@ SESSION = b"".join(frame(m) for m in (
 ))
 
 
+def stop_engines_on(socket: Path) -> None:
+    """SIGTERM every engine process serving `socket` (found by its command line: one that has not opened its
+    socket yet cannot be asked to shut down) and wait for them to exit."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and str(socket).encode() in argv:
+            pids.append(int(entry.name))
+            os.kill(pids[-1], signal.SIGTERM)
+    for pid in pids:
+        for _ in range(200):
+            try:  # gone, or exited and not yet reaped (a zombie)
+                if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
+
+
 def test_stdin_from_a_pipe_and_from_a_file_serve_alike(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "dgls", "lsp", "--socket", str(tmp_path / "engine.sock")]
-    piped = subprocess.run(command, input=SESSION, capture_output=True, timeout=60)
-    session_file = tmp_path / "session.bin"
-    session_file.write_bytes(SESSION)
-    with session_file.open("rb") as stdin:
-        from_file = subprocess.run(command, stdin=stdin, capture_output=True, timeout=60)
+    try:
+        piped = subprocess.run(command, input=SESSION, capture_output=True, timeout=60)
+        session_file = tmp_path / "session.bin"
+        session_file.write_bytes(SESSION)
+        with session_file.open("rb") as stdin:
+            from_file = subprocess.run(command, stdin=stdin, capture_output=True, timeout=60)
+    finally:  # the servers started a resident engine, which outlives them by design (and may still be importing)
+        stop_engines_on(tmp_path / "engine.sock")
     for run in (piped, from_file):
         assert run.returncode == 1 and b"Traceback" not in run.stderr, run.stderr.decode()
         answers = {m["id"]: m for m in replies(run.stdout) if "id" in m}
