@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None:
         continuation.load_weights(model, args.init, args.preset)
         earlier = continuation.record(args.init)
+        init_sampler = continuation.sampler(args.init)
+        if init_sampler is not None and not (args.out / "sampler.json").exists():  # the run's sampler from now on
+            (args.out / "sampler.json").write_text(json.dumps(init_sampler) + "\n")
     model.to(args.device)
     if args.experts != "auto":
         model.set_experts_implementation(args.experts)
@@ -286,11 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     if earlier is not None:
         training.update(continuation.totals(earlier, step, elapsed))
     model.cpu()
-    sampler = None
-    if args.sampler is not None:
-        sampler = json.loads(args.sampler.read_text())
-    elif args.init is not None:  # keep the tuned sampler the continued model shipped with
-        sampler = continuation.sampler(args.init)
+    # --sampler, else the run's own sampler.json (where --init put the continued model's, and where
+    # `python -m engine.training.export RUN DIR` reads it too), else the defaults
+    sampler_file = args.sampler or args.out / "sampler.json"
+    sampler = json.loads(sampler_file.read_text()) if sampler_file.is_file() else None
     export.write(model, tokenizer, args.out / "model", sources, training, sampler)
     if args.export is not None:
         export.write(model, tokenizer, args.export, sources, training, sampler)

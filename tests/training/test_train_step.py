@@ -251,7 +251,9 @@ def test_a_resumed_continuation_keeps_its_chain(tmp_path: Path, tokenizer: PreTr
 
     data, out = _run_dir(tmp_path, tokenizer)
     common = ["--corpus", str(data), "--preset", "tiny", "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
-    train.main(["--out", str(out), "--steps", "2", *common])
+    sampler = tmp_path / "sampler.json"
+    sampler.write_text(json.dumps({"max_denoising_steps": 6, "t_max": 0.4}))
+    train.main(["--out", str(out), "--steps", "2", "--sampler", str(sampler), *common])
     later = tmp_path / "later"
     (later / "tokenizer").mkdir(parents=True)  # an identical tokenizer already there is accepted
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -260,10 +262,13 @@ def test_a_resumed_continuation_keeps_its_chain(tmp_path: Path, tokenizer: PreTr
     train.main(["--out", str(later), "--resume", str(later / "checkpoint.pt"), "--steps", "2", *common])
     record = json.loads((later / "model" / "TRAINING.json").read_text())
     assert record["steps"] == 2 and record["total_steps"] == 4 and record["initialized_from"]["steps"] == 2
+    config = json.loads((later / "model" / "generation_config.json").read_text())
+    assert (config["max_denoising_steps"], config["t_max"]) == (6, 0.4)  # the init's sampler, through the resume
     with mock.patch.object(sys, "argv", ["export", str(later), str(tmp_path / "exported")]):
         export.main()
     exported = json.loads((tmp_path / "exported" / "TRAINING.json").read_text())
     assert exported["total_steps"] == 4 and exported["initialized_from"]["steps"] == 2
+    assert json.loads((tmp_path / "exported" / "generation_config.json").read_text())["max_denoising_steps"] == 6
 
 
 def test_init_refuses_another_architecture_or_tokenizer(tmp_path: Path, tokenizer: PreTrainedTokenizerFast,
