@@ -5,8 +5,11 @@ temperature schedule, self-conditioning, stable-and-confident adaptive stop; sam
 order, so with the same seed the tokens are identical) and adds what an editor needs: a deadline that returns
 the best draft so far, early commit once the line (or block) up to its end is accepted, cancellation at step
 boundaries, N candidates as one batch, and seeded canvases with fixed positions. The noise process is the
-checkpoint's: uniform random tokens (DiffusionGemma) or an absorbing mask token. Knows nothing about text,
-templates or caches beyond the decoder view it is handed.
+checkpoint's: uniform random tokens (DiffusionGemma) or an absorbing mask token. With absorbing noise, once
+every row has decided where its text ends (an EOS or padding token), later steps run the canvas only that far
+(`SamplerSettings.cut_canvas`): what follows is padding the output never shows, and a line completion's
+second step then costs ~6 of ~11 ms on the shipped model (benchmarks/README.md has the quality check). Knows
+nothing about text, templates or caches beyond the decoder view it is handed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class SamplerSettings:
     entropy_bound: float = 0.1
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    # absorbing noise: once every row has a decided end (EOS or padding), later steps run the canvas only up to
+    # the last row's end (a checkpoint's generation_config can set `dgls_cut_canvas: false`)
+    cut_canvas: bool = True
 
     @classmethod
     def from_generation_config(cls, config: Any) -> SamplerSettings:
@@ -52,6 +58,7 @@ class SamplerSettings:
             entropy_bound=float(bound if bound is not None else defaults.entropy_bound),
             stability_threshold=int(pick("stability_threshold", defaults.stability_threshold)),
             confidence_threshold=float(pick("confidence_threshold", defaults.confidence_threshold)),
+            cut_canvas=bool(pick("dgls_cut_canvas", defaults.cut_canvas)),
         )
 
     def temperature(self, cur_step: int) -> float:
@@ -108,6 +115,7 @@ class Denoiser:
         mask_token_id: int | None = None,
         eos_ids: list[int] | None = None,
         newline_ids: list[int] | None = None,
+        pad_id: int | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -118,6 +126,10 @@ class Denoiser:
         self.canvas_length = int(model.config.canvas_length)
         device = model.device
         self.eos_ids = torch.tensor(eos_ids or [], dtype=torch.long, device=device)
+        # what a canvas holds after its text: EOS, then padding (dgls' training layout); the last one fills
+        # the draft after a cut canvas
+        self.end_ids = torch.tensor(list(eos_ids or []) + ([pad_id] if pad_id is not None else []),
+                                    dtype=torch.long, device=device)
         ends_line = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
         if newline_ids:
             ends_line[torch.tensor(newline_ids, device=device)] = True
@@ -126,11 +138,11 @@ class Denoiser:
         self.lean: LeanForward | None = None  # dgls' own forward (engine/lean_forward.py), when the engine sets it
         self.plain_step_seconds: float | None = None  # the last step without prompt tokens (deadline predictions)
 
-    def noise_like(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
-        device = self.model.device
+    def noise_like(self, batch: int, generator: torch.Generator | None, length: int | None = None) -> torch.Tensor:
+        device, length = self.model.device, length or self.canvas_length
         if self.mask_token_id is not None and self.noise == "mask":
-            return torch.full((batch, self.canvas_length), self.mask_token_id, dtype=torch.long, device=device)
-        return torch.randint(0, self.vocab_size, (batch, self.canvas_length), device=device, generator=generator)
+            return torch.full((batch, length), self.mask_token_id, dtype=torch.long, device=device)
+        return torch.randint(0, self.vocab_size, (batch, length), device=device, generator=generator)
 
     @torch.inference_mode()
     def run(
@@ -149,6 +161,7 @@ class Denoiser:
             seed = seed_canvas.to(device).expand(batch, -1)
             canvas = torch.where(seed >= 0, seed, canvas)
         argmax = canvas
+        draft = canvas.clone()  # the full-length draft, for canvases cut short after their EOS
         decode = self.decoder(cache_view, prompt_length, batch)
         self_conditioning: torch.Tensor | None = None
         history = torch.full((s.stability_threshold, batch, self.canvas_length), -1, dtype=torch.long, device=device)
@@ -186,11 +199,12 @@ class Denoiser:
                 sampled[newly] = self._sample_by_cdf(new_processed[newly], generator)
                 accepted = accepted | ~undecided
             if fixed is not None and seed_canvas is not None:
-                accepted = accepted | fixed
-                sampled = torch.where(fixed, canvas, sampled)
-                new_argmax = torch.where(fixed, canvas, new_argmax)
+                kept = fixed[: canvas.shape[1]]
+                accepted = accepted | kept
+                sampled = torch.where(kept, canvas, sampled)
+                new_argmax = torch.where(kept, canvas, new_argmax)
             new_canvas = torch.where(accepted, sampled, canvas)
-            new_canvas = torch.where(~accepted, self.noise_like(batch, generator), new_canvas)
+            new_canvas = torch.where(~accepted, self.noise_like(batch, generator, canvas.shape[1]), new_canvas)
             if absorbing:  # the draft is what is decided, with the best guesses where it is not yet
                 new_argmax = torch.where(new_canvas.ne(self.mask_id), new_canvas, new_argmax)
             if finished.any():
@@ -226,9 +240,17 @@ class Denoiser:
             if bool(finished.all()):
                 stop_reason = "converged"
                 break
+            if absorbing and s.cut_canvas:
+                length = self._length_to_end(canvas)
+                if length < canvas.shape[1]:  # every row's text has ended: what follows is padding
+                    draft[:, :length] = argmax[:, :length]
+                    draft[:, length:] = self.end_ids[-1]
+                    canvas, argmax, processed = canvas[:, :length], argmax[:, :length], processed[:, :length]
+                    self_conditioning = self_conditioning[:, :length]
         score = self.score(processed, argmax, steps)
+        draft[:, : argmax.shape[1]] = argmax
         return DenoiseOutput(
-            canvas=argmax,
+            canvas=draft,
             committed=committed,
             score=score,
             steps=steps,
@@ -256,16 +278,22 @@ class Denoiser:
         if isinstance(prompt, PromptKV):
             raise TypeError("a PromptKV needs the lean forward; encode the prompt and pass its decode_view")
         model, device = self.model, self.model.device
-        positions = torch.arange(prompt_length, prompt_length + self.canvas_length, dtype=torch.int32, device=device)
-        mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=model.config,
-            inputs_embeds=torch.zeros((batch, self.canvas_length, 1), dtype=torch.long, device=device),
-            **with_cache(prompt),
-            decoder_attention_mask=torch.ones((batch, prompt_length + self.canvas_length), dtype=torch.bool,
-                                              device=device),
-        )
+        inputs: dict[int, tuple[torch.Tensor, Any]] = {}  # canvas length -> positions, masks
 
         def decode(canvas: torch.Tensor, self_conditioning: Any) -> torch.Tensor:
+            length = canvas.shape[1]  # shorter than the canvas once `run` cuts it after the text's end
+            if length not in inputs:
+                inputs[length] = (
+                    torch.arange(prompt_length, prompt_length + length, dtype=torch.int32, device=device),
+                    model.model.decoder.create_diffusion_decoder_attention_mask(
+                        config=model.config,
+                        inputs_embeds=torch.zeros((batch, length, 1), dtype=torch.long, device=device),
+                        **with_cache(prompt),
+                        decoder_attention_mask=torch.ones((batch, prompt_length + length), dtype=torch.bool,
+                                                          device=device),
+                    ),
+                )
+            positions, mask_mapping = inputs[length]
             return model(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
                          decoder_attention_mask=mask_mapping, **with_cache(prompt),
                          decoder_position_ids=positions.unsqueeze(0)).logits
@@ -306,6 +334,14 @@ class Denoiser:
             ends = torch.nonzero(is_end[row]).flatten()
             if len(ends) and bool(settled[row, : int(ends[0]) + 1].all()):
                 committed[row] = int(ends[0]) + 1
+
+    def _length_to_end(self, canvas: torch.Tensor) -> int:
+        """How much of `canvas` [B, L] later steps need: up to and including each row's first decided end token
+        (EOS or padding), for the row where that comes last; L while some row has none."""
+        ends = torch.isin(canvas, self.end_ids)
+        if not len(self.end_ids) or not bool(ends.any(dim=-1).all()):
+            return canvas.shape[1]
+        return int(ends.int().argmax(dim=-1).max()) + 1
 
     def _decided(self, canvas: torch.Tensor) -> torch.Tensor:
         """[B] bool: no position before the first EOS is still masked (absorbing noise is done)."""

@@ -58,6 +58,7 @@ class Engine:
             mask_token_id=loaded.mask_token_id,
             eos_ids=self.eos_ids,
             newline_ids=self._newline_token_ids(),
+            pad_id=self.text_config.pad_token_id,
         )
         self.fast_step_mode = fast_step
         self.stepper: Denoiser | FastStep = select_denoiser(self.denoiser, fast_step)  # engine/fast_step.py

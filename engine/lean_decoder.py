@@ -76,10 +76,18 @@ class DecoderSession:
         values[:, :, :prompt] = cached_values
         self.kv.append((keys, values))
 
+    def _tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rotary rows of the first `length` canvas positions of every row."""
+        if length == self.canvas_length:
+            return self.canvas_tables
+        return {kind: (_first_positions(cos, self.batch, length), _first_positions(sin, self.batch, length))
+                for kind, (cos, sin) in self.canvas_tables.items()}
+
     @torch.inference_mode()
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor | None) -> torch.Tensor:
-        """Float32 logits [B, C, V] for `canvas` [B, C], as DiffusionGemmaForBlockDiffusion's forward gives them;
-        the first call also encodes the prompt's pending tokens into its cache."""
+        """Float32 logits [B, L, V] for `canvas` [B, L], as DiffusionGemmaForBlockDiffusion's forward gives them;
+        the first call (the whole canvas) also encodes the prompt's pending tokens into its cache. Later calls may
+        pass only the first L positions of each row (the denoiser cuts the canvas after its text's end)."""
         lean, eps = self.lean, self.lean.eps
         decoder, embed = lean.decoder, lean.embed
         batch, canvas_length = canvas.shape
@@ -93,8 +101,10 @@ class DecoderSession:
             x = x + F.linear(lean.act(gate) * up, conditioning.down_proj.weight)
         x = rms(x, None, eps).reshape(1, batch * canvas_length, -1)  # no signal: transformers adds zeros
         prompt = self.prompt if self.prompt is not None and self.prompt.pending.shape[1] else None
-        pending, tables = 0, self.canvas_tables
+        pending, tables = 0, self._tables(canvas_length)
         if prompt is not None and self.first_tables is not None:
+            if canvas_length != self.canvas_length:
+                raise ValueError("the first decoder step runs the whole canvas (it encodes the prompt's rest)")
             pending, tables = prompt.pending.shape[1], self.first_tables
             x = torch.cat((lean.encoder.embed_tokens(prompt.pending), x), dim=1)
         last = len(lean.layers) - 1
@@ -111,6 +121,9 @@ class DecoderSession:
                 parts.append(attended[0].transpose(0, 1).reshape(pending, -1))
                 self._allocate(index)
             keys, values = self.kv[index]  # the canvas rows: bidirectional over the prompt and the canvas
+            end = keys.shape[2] - self.canvas_length + canvas_length
+            if end < keys.shape[2]:
+                keys, values = keys[:, :, :end], values[:, :, :end]
             keys[:, :, -canvas_length:] = _per_canvas(k[:, :, pending:], batch)
             values[:, :, -canvas_length:] = _per_canvas(v[:, :, pending:], batch)
             attended = F.scaled_dot_product_attention(_per_canvas(q[:, :, pending:], batch), keys, values,
@@ -133,3 +146,8 @@ class DecoderSession:
 def _per_canvas(rows: torch.Tensor, batch: int) -> torch.Tensor:
     """[1, heads, B*C, D] flattened canvas rows -> [B, heads, C, D]."""
     return rows[0].unflatten(1, (batch, -1)).transpose(0, 1)
+
+
+def _first_positions(table: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[1, B*C, 1, D] per-row rotary table -> the first `length` positions of each row, [1, B*length, 1, D]."""
+    return table.unflatten(1, (batch, -1))[:, :, :length].flatten(1, 2)

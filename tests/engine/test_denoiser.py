@@ -4,6 +4,7 @@ candidates, seeded canvases, and both noise processes."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -193,8 +194,20 @@ def test_token_entropy_is_bit_identical_to_categorical() -> None:
 
 
 def test_absorbing_noise_keeps_decided_tokens(mask_engine: Engine) -> None:
+    canvases, result = recorded_canvases(mask_engine, request(mode="block", candidates=2))
+    assert canvases[0].eq(3).all()  # every position starts masked
+    for before, after in zip(canvases, canvases[1:], strict=False):
+        kept = before[:, : after.shape[1]]  # a canvas cut after its text's end keeps its first positions
+        decided = kept.ne(3)
+        assert torch.equal(after[decided], kept[decided])  # a decided token never changes or is re-masked
+        assert after.ne(3).sum() > decided.sum()  # each step decides at least one more position
+    assert "<mask>" not in "".join(result.candidates)
+
+
+def recorded_canvases(engine: Engine, fill: FillRequest) -> tuple[list[torch.Tensor], Any]:
+    """The canvas each decoder call of one fill receives, and the fill's result."""
     canvases: list[torch.Tensor] = []
-    original = mask_engine.denoiser.decoder
+    original = engine.denoiser.decoder
 
     def recording_decoder(*args):
         decode = original(*args)
@@ -205,17 +218,76 @@ def test_absorbing_noise_keeps_decided_tokens(mask_engine: Engine) -> None:
 
         return recorded
 
-    mask_engine.denoiser.decoder = recording_decoder
+    engine.denoiser.decoder = recording_decoder
     try:
-        result = mask_engine.fill(request(mode="block", candidates=2))
+        return canvases, engine.fill(fill)
     finally:
-        mask_engine.denoiser.decoder = original
-    assert canvases[0].eq(3).all()  # every position starts masked
-    for before, after in zip(canvases, canvases[1:], strict=False):
-        decided = before.ne(3)
-        assert torch.equal(after[decided], before[decided])  # a decided token never changes or is re-masked
-        assert after.ne(3).sum() > decided.sum()  # each step decides at least one more position
-    assert "<mask>" not in "".join(result.candidates)
+        engine.denoiser.decoder = original
+
+
+@pytest.fixture(scope="module")
+def shipped_engine() -> Engine:
+    """The shipped model: trained, so it decides where its text ends within a step or two."""
+    return Engine(load_checkpoint(None, device="cpu"))
+
+
+CUT_REQUESTS = [
+    dict(prefix="def area(width, height):\n    return ", suffix="\n", mode="line"),
+    dict(prefix="import os\n\n\ndef read_lines(path):\n    with open(path) as handle:\n        ", suffix="\n",
+         mode="line", candidates=2),
+    dict(prefix="def add(a, b):\n", suffix="\n\nprint(add(1, 2))\n", mode="block", candidates=3),
+]
+
+
+def test_absorbing_noise_cuts_the_canvas_after_every_rows_decided_end(shipped_engine: Engine) -> None:
+    """Once every row holds a decided EOS or padding token, the next steps see the canvas only up to the row
+    where that comes last; decided tokens never change; the fill still returns a full-length draft."""
+    end_ids = {1, 0}  # the shipped model's EOS and padding
+    cuts = 0
+    for seed in (0, 1, 2):
+        for values in CUT_REQUESTS:
+            fill = request(seed=seed, early_commit=True, **values)
+            canvases, result = recorded_canvases(shipped_engine, fill)
+            assert canvases[0].shape[1] == shipped_engine.denoiser.canvas_length
+            for before, after in zip(canvases, canvases[1:], strict=False):
+                length = after.shape[1]
+                decided = before[:, :length].ne(3)
+                assert torch.equal(after[decided], before[:, :length][decided])
+                if length < before.shape[1]:
+                    cuts += 1
+                    # the step before decided an end token in every row; the latest of them is the last kept position
+                    firsts = [next(i for i, token in enumerate(row.tolist()) if token in end_ids) for row in after]
+                    assert max(firsts) == length - 1
+            assert "<mask>" not in "".join(result.candidates) and result.converged
+    assert cuts >= 3  # most of these fills cut their canvas
+
+
+def test_canvas_cut_can_be_turned_off(shipped_engine: Engine) -> None:
+    from dataclasses import replace
+
+    from engine.denoiser import SamplerSettings
+
+    full = Engine(shipped_engine.loaded, settings=replace(shipped_engine.settings, cut_canvas=False))
+    for values in CUT_REQUESTS:
+        canvases, _ = recorded_canvases(full, request(early_commit=True, **values))
+        assert {canvas.shape[1] for canvas in canvases} == {full.denoiser.canvas_length}
+    config = shipped_engine.model.generation_config
+    assert SamplerSettings.from_generation_config(config).cut_canvas is True
+    config.dgls_cut_canvas = False
+    try:
+        assert SamplerSettings.from_generation_config(config).cut_canvas is False
+    finally:
+        del config.dgls_cut_canvas
+
+
+def test_a_cut_canvas_returns_padding_after_it(shipped_engine: Engine) -> None:
+    """Positions after the cut come back as padding, never as guesses for positions no step decided."""
+    for values in CUT_REQUESTS:
+        fill = request(**{**values, "candidates": 1})
+        tokens = canvas_tokens(shipped_engine, fill)
+        assert len(tokens) == shipped_engine.denoiser.canvas_length
+        first_end = next(i for i, token in enumerate(tokens) if token in (0, 1))
+        assert set(tokens[first_end + 1 :]) <= {0, 1}, tokens
 
 
 def test_absorbing_noise_is_done_when_nothing_before_eos_is_masked(mask_engine: Engine) -> None:

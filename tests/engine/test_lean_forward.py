@@ -119,6 +119,30 @@ def test_decoder_steps_and_prompt_kv_match_transformers(variant: str, batch: int
     assert torch.equal(lean_first.argmax(-1), first.argmax(-1))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_steps_over_a_canvas_cut_short_match_transformers(batch: int) -> None:
+    """After a full first step (which also encodes pending prompt tokens), later steps may pass only the first
+    positions of each row (the denoiser cuts the canvas after its text's end): same logits as transformers'
+    forward over that shorter canvas, at every length down to 1 and back up."""
+    model = tiny_model()
+    config = model.config.get_text_config(decoder=True)
+    ids = prompt_ids(30)
+    full = transformers_encode(model, ids)
+    canvas = torch.randint(0, 320, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    reference = Denoiser(model, SamplerSettings()).decoder(decode_view(full, config, batch), len(ids), batch)
+    prompt = PromptKV(cache=sliced_cache(full, len(ids) - 5, config), pending=torch.tensor([ids[-5:]]),
+                      length=len(ids))
+    session = LeanForward(model).session(prompt, len(ids), batch, 12)
+    with torch.no_grad():
+        previous = session(canvas, None)
+        torch.testing.assert_close(previous, reference(canvas, None), rtol=0, atol=1e-4)
+        for length in (7, 3, 1, 12):
+            cut = canvas[:, :length]
+            ours, theirs = session(cut, previous[:, :length]), reference(cut, previous[:, :length])
+            assert ours.shape == (batch, length, 320)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_a_decoder_view_serves_as_well_as_a_prompt() -> None:
     model = tiny_model()
     config = model.config.get_text_config(decoder=True)
