@@ -225,8 +225,8 @@ def measure_cancel(engine: Engine, cut: CutRequest, repeats: int = 5) -> tuple[f
 
     The fill is made long by a sampler that accepts one token a step (entropy bound 0, no early commit): the
     shipped model's own settings finish most fills in 1-2 steps, before a cancel could land. Its steps cost what
-    every step costs. Only fills that stopped because of the cancel count. Cancellation is checked between
-    steps; the prompt encode before them is not interruptible."""
+    every step costs. Only fills that stopped because of the cancel count. Cancellation is checked before every
+    step and, with dgls' forward, before every layer of a step (with transformers' forward between steps only)."""
     slow = Engine(engine.loaded, settings=dataclasses.replace(engine.settings, entropy_bound=0.0, max_steps=32),
                   lean_forward="on" if engine.describe()["forward"] == "lean" else "off")
     step_ms, before_ms = [], []

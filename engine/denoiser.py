@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from engine.hf_compat import with_cache
-from engine.lean_decoder import PromptKV
+from engine.lean_decoder import DecoderSession, PromptKV, StepCancelled
 from engine.lean_forward import LeanForward
 
 CommitMode = Literal["line", "block"] | None
@@ -68,7 +68,8 @@ class SamplerSettings:
 
 @dataclass(slots=True)
 class DenoiseControl:
-    """Per-request limits. `deadline` is a `time.monotonic()` instant; `cancelled` is polled every step."""
+    """Per-request limits. `deadline` is a `time.monotonic()` instant; `cancelled` is polled before every step
+    and, with dgls' lean forward, before every layer of a step (a cancel then waits at most one layer)."""
 
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
@@ -163,6 +164,8 @@ class Denoiser:
         argmax = canvas
         draft = canvas.clone()  # the full-length draft, for canvases cut short after their EOS
         decode = self.decoder(cache_view, prompt_length, batch)
+        if isinstance(decode, DecoderSession):
+            decode.cancelled = control.cancelled
         self_conditioning: torch.Tensor | None = None
         history = torch.full((s.stability_threshold, batch, self.canvas_length), -1, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -177,7 +180,12 @@ class Denoiser:
                 break
             started = time.monotonic()
             forwards += (~finished).long()
-            logits = decode(canvas, self_conditioning)  # [B, C, V] float32
+            try:
+                logits = decode(canvas, self_conditioning)  # [B, C, V] float32
+            except StepCancelled:  # mid-step: the draft is the last finished step's
+                forwards -= (~finished).long()
+                stop_reason = "cancelled"
+                break
             new_processed = logits / s.temperature(cur_step)
             if self.noise == "mask":
                 new_processed[..., self.mask_token_id] = float("-inf")

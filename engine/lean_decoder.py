@@ -8,6 +8,7 @@ step also runs the pending prompt tokens through the layers, in the same matmuls
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,10 @@ class PromptKV:
         return self.length - self.pending.shape[1]
 
 
+class StepCancelled(Exception):
+    """Raised inside a decoder step when the request's `cancelled` callback says so (checked between layers)."""
+
+
 class DecoderSession:
     """The decoder steps of one request. Rows are flattened to one token axis [1, T, hidden] so that the first
     step's pending prompt tokens and the B canvases share every projection; attention is split per part."""
@@ -39,6 +44,7 @@ class DecoderSession:
     def __init__(self, lean: LeanForward, prompt: Any, length: int, batch: int, canvas_length: int) -> None:
         self.lean = lean
         self.batch, self.canvas_length = batch, canvas_length
+        self.cancelled: Callable[[], bool] | None = None  # polled before each layer (set by `Denoiser.run`)
         self.prompt = prompt if isinstance(prompt, PromptKV) else None
         self.source = prompt.cache if isinstance(prompt, PromptKV) else prompt  # where the prompt's KV is read
         canvas_tables = lean.rope(lean.decoder, length, canvas_length)
@@ -109,6 +115,8 @@ class DecoderSession:
             x = torch.cat((lean.encoder.embed_tokens(prompt.pending), x), dim=1)
         last = len(lean.layers) - 1
         for index, spec in enumerate(lean.layers):
+            if self.cancelled is not None and self.cancelled():
+                raise StepCancelled  # a first step stopped here leaves `prompt.pending` set: nothing is cached
             cos, sin = tables[lean.layer_types[index]]
             q, k, v = lean.qkv(spec, rms(x, spec.norms["input_layernorm"], eps), cos, sin)
             parts = []

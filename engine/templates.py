@@ -5,7 +5,9 @@ order decides what is reused across keystrokes. Fields `{prefix}`, `{suffix}`, `
 `{path}` are filled from the request; everything else is literal and may contain the model's special tokens.
 User text is tokenized with special tokens split, so code that contains e.g. "<eos>" never becomes a control
 token. The prefix window is cut at line boundaries on a fixed grid, so it stays identical (and its KV cache
-reusable) while the user types on the last line.
+reusable) while the user types on the last line; per document, a window start stays where it was while it still
+fits the budget, so a token count that changes as a word is typed never moves it (each move re-encodes the whole
+window).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ LINE_GRID = 4  # the prefix window starts on an absolute line number that is a m
 CHARS_PER_TOKEN_CAP = 32  # never tokenize more than budget * this many characters of one side
 TEXT_MEMO_ENTRIES = 64  # tokenized suffixes, windows and snippets remembered (a few per open document)
 LINE_MEMO_ENTRIES = 65_536  # per-line token counts remembered for sizing prefix windows
+WINDOW_MEMO_ENTRIES = 256  # documents whose prefix window start is remembered
 
 
 class TemplateError(Exception):
@@ -93,12 +96,15 @@ class PromptBuilder:
         self._text_memo: dict[str, tuple[int, ...]] = {}
         self._literal_memo: dict[str, tuple[int, ...]] = {}
         self._line_counts: dict[str, int] = {}
+        # document -> (line number of its prefix window's start, hash of the prefix up to that line's end)
+        self._window_starts: dict[str, tuple[int, int]] = {}
 
     def forget(self) -> None:
-        """Drop the remembered tokenizations of request text (benchmarks measuring a cold request call this);
-        the template's own literals stay remembered."""
+        """Drop the remembered tokenizations of request text and window starts (benchmarks measuring a cold
+        request call this); the template's own literals stay remembered."""
         self._text_memo.clear()
         self._line_counts.clear()
+        self._window_starts.clear()
 
     def text_ids(self, text: str) -> list[int]:
         """Ids of user text; special-token strings inside it stay plain text."""
@@ -134,7 +140,7 @@ class PromptBuilder:
         ids: list[int] = []
         for segment in self.template.segments:
             if segment == "{prefix}":
-                ids += self.prefix_ids(request.prefix)
+                ids += self.prefix_ids(request.prefix, request.document)
             elif segment == "{suffix}":
                 ids += self.suffix_ids(request.suffix)
             elif segment == "{context}":
@@ -156,8 +162,10 @@ class PromptBuilder:
         budget = self.template.budgets["suffix"]
         return self.text_ids(suffix[: budget * CHARS_PER_TOKEN_CAP])[:budget]
 
-    def prefix_ids(self, prefix: str) -> list[int]:
-        """The end of the prefix that fits the budget, starting on a grid line so it is stable while typing."""
+    def prefix_ids(self, prefix: str, document: str = "") -> list[int]:
+        """The end of the prefix that fits the budget, starting on a grid line so it is stable while typing; for a
+        `document`, where its last window started if that line is still there and the window from it still
+        fits (holding at least half of what a fresh window would)."""
         budget = self.template.budgets["prefix"]
         lines = prefix.split("\n")
         first = max(0, len(lines) - budget - 1)  # every line costs at least one token (its newline)
@@ -169,11 +177,29 @@ class PromptBuilder:
             if total > budget:
                 break
             start = first + index
-        grid_start = _round_up(start, LINE_GRID)
-        if grid_start < len(lines) - 1:
-            start = grid_start  # a line number on the grid: the same window for many keystrokes
+        kept = self._kept_start(document, lines, start, counts[start - first :])
+        if kept is not None:
+            start = kept
+        else:
+            grid_start = _round_up(start, LINE_GRID)
+            if grid_start < len(lines) - 1:
+                start = grid_start  # a line number on the grid: the same window for many keystrokes
+        if document:
+            _bounded_put(self._window_starts, document, (start, _lines_hash(lines, start)), WINDOW_MEMO_ENTRIES)
         window = "\n".join(lines[start:])[-budget * CHARS_PER_TOKEN_CAP :]
         return self.text_ids(window)[-budget:]
+
+    def _kept_start(self, document: str, lines: list[str], earliest: int, fitting: list[int]) -> int | None:
+        """The document's last window start if it can stay: the same text up to that line, at or after the
+        `earliest` start that fits, before the last line, and holding at least half the tokens the window from
+        `earliest` (token counts per line: `fitting`) would hold."""
+        last = self._window_starts.get(document) if document else None
+        if last is None:
+            return None
+        start, digest = last
+        if not earliest <= start < len(lines) - 1 or _lines_hash(lines, start) != digest:
+            return None
+        return start if 2 * sum(fitting[start - earliest :]) >= sum(fitting) else None
 
     def context_ids(self, request: FillRequest) -> list[int]:
         budget = self.template.budgets["context"]
@@ -191,6 +217,11 @@ def _bounded_put(memo: dict[str, Any], key: str, value: Any, limit: int) -> None
         for old in list(memo)[: limit // 2]:
             del memo[old]
     memo[key] = value
+
+
+def _lines_hash(lines: list[str], start: int) -> int:
+    """Identifies the prefix up to and including line `start` (its text and its place)."""
+    return hash((start, "\n".join(lines[: start + 1])))
 
 
 def _round_up(value: int, grid: int) -> int:

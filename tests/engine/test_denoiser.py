@@ -105,16 +105,34 @@ def test_line_mode_commits_at_the_first_newline_block_mode_at_eos(engine: Engine
     assert committed == [0]
 
 
-def test_cancellation_stops_at_the_next_step(engine: Engine) -> None:
+def polls_until(true_from: int) -> tuple[dict[str, int], Any]:
+    """A `cancelled` callback that turns true at its `true_from`-th call, and its call count."""
     polls = {"n": 0}
 
-    def cancelled_after_first_step() -> bool:
+    def cancelled() -> bool:
         polls["n"] += 1
-        return polls["n"] > 1
+        return polls["n"] >= true_from
 
-    result = engine.fill(request(), cancelled=cancelled_after_first_step)
-    assert result.cancelled is True
+    return polls, cancelled
+
+
+def test_cancellation_stops_at_the_next_step_with_transformers_forward(tiny_model_dir) -> None:
+    reference = Engine(load_checkpoint(tiny_model_dir, device="cpu"), lean_forward="off")
+    polls, cancelled = polls_until(2)  # before the first step: no; before the second: yes
+    result = reference.fill(request(), cancelled=cancelled)
+    assert result.cancelled is True and result.steps == 1 and polls["n"] == 2
+
+
+def test_cancellation_stops_mid_step_at_the_next_layer(engine: Engine) -> None:
+    """With dgls' forward the callback is also polled before each layer: a cancel that arrives two layers into
+    the second step stops there (it does not finish the step), and the fill reports the one finished step."""
+    layers = len(engine.denoiser.lean.layers)
+    true_from = 1 + layers + 1 + 2  # before step 1, its layers, before step 2, two layers of step 2
+    polls, cancelled = polls_until(true_from)
+    result = engine.fill(request(), cancelled=cancelled)
+    assert result.cancelled is True and result.stop_reason == "cancelled"
     assert result.steps == 1
+    assert polls["n"] == true_from  # nothing ran after the cancel was seen
 
 
 def test_candidates_are_one_batch_with_different_samples(engine: Engine) -> None:

@@ -266,6 +266,33 @@ def test_cancelled_before_the_first_step_stores_no_partial_prompt(engines: tuple
     assert lean.fill(request).cached_prompt_tokens == 0
 
 
+def test_cancelled_in_the_middle_of_the_first_step_stores_nothing_and_corrupts_nothing(
+        engines: tuple[Engine, Engine]) -> None:
+    """A cancel seen two layers into the first step (which encodes the prompt's rest into a cache extending a
+    stored one) stores no entry, and the stored prefix still gives the fill an uncancelled run gives."""
+    lean, _ = engines
+    lean.cache.clear()
+    first = FillRequest(prefix=REQUESTS[1][0], suffix=REQUESTS[1][1], deadline_ms=60_000, document="m")
+    lean.fill(first)
+    entries = list(lean.cache.entries)
+    typed = FillRequest(prefix=REQUESTS[1][0] + "se", suffix=REQUESTS[1][1], deadline_ms=60_000, document="m",
+                        warm_start=False)  # so that it compares with a fill of no document
+    polls = {"n": 0}
+
+    def cancelled() -> bool:
+        polls["n"] += 1
+        return polls["n"] >= 3  # before the step, layer 1: no; layer 2: yes
+
+    result = lean.fill(typed, cancelled=cancelled)
+    assert result.cancelled and result.steps == 0 and polls["n"] == 3
+    assert list(lean.cache.entries) == entries
+    again = lean.fill(typed)
+    assert again.cached_prompt_tokens > 0
+    fresh = lean.fill(FillRequest(prefix=REQUESTS[1][0] + "se", suffix=REQUESTS[1][1], deadline_ms=60_000,
+                                  use_cache=False))
+    assert again.text == fresh.text
+
+
 def test_warm_up_keeps_transformers_forward_when_the_lean_one_disagrees_or_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -51,6 +51,32 @@ def test_prefix_window_is_stable_while_typing_on_the_last_line(tokenizer) -> Non
     assert common >= len(first) - 3  # only the last line's tokens differ
 
 
+def test_a_documents_prefix_window_stays_put_while_it_fits(tokenizer) -> None:
+    """Deleting a long word frees budget: a fresh window would start lines earlier (re-encoding the whole
+    window); the document's window stays where it was. It moves on only when it no longer fits, and a changed
+    line before its start, or another document, gets a fresh window."""
+    template = PromptTemplate.from_dict({"segments": ["{prefix}"], "budgets": {"prefix": 512}}, "t")
+    builder = PromptBuilder(tokenizer, template)
+    body = "".join(f"value_{i} = compute({i})\n" for i in range(200))
+    short_line = body + "result = "
+    fresh_short = builder.prefix_ids(short_line)
+    # the shortest word whose deletion moves a fresh window (the earliest fitting line crosses a grid line)
+    long_line = next(body + "result = " + "abc_" * n for n in range(1, 40)
+                     if builder.prefix_ids(body + "result = " + "abc_" * n)[:16] != fresh_short[:16])
+    fresh_long = builder.prefix_ids(long_line)
+
+    first = builder.prefix_ids(long_line, "doc")
+    kept = builder.prefix_ids(short_line, "doc")
+    assert first == fresh_long and kept[:16] == first[:16] and len(kept) < len(fresh_short)
+    assert builder.prefix_ids(short_line, "other") == fresh_short
+
+    grown = builder.prefix_ids(short_line + "abc_" * 80, "doc")  # the old start no longer fits
+    assert len(grown) <= 512 and grown[:16] != first[:16]
+    edited = "value_0 = changed\n" + short_line.split("\n", 1)[1]
+    builder.prefix_ids(long_line, "doc2")
+    assert builder.prefix_ids(edited, "doc2") == builder.prefix_ids(edited)  # the text before the start changed
+
+
 def test_user_template_file(tmp_path, tokenizer) -> None:
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"name": "mine", "segments": ["<bos>", "{language}: ", "{suffix}", "{prefix}"]}))
