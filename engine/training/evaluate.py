@@ -4,7 +4,9 @@ Owns a reference absorbing-mask sampler (the algorithm the engine implements: al
 linear temperature schedule t_max -> t_min, entropy-bound acceptance of the lowest-entropy predictions,
 self-conditioning on the previous step's logits, ``<mask>`` never emitted, early exit once nothing before
 the first ``<eos>`` is still masked) and the exact-match / latency measurement used to pick the
-``generation_config.json`` defaults. It is a training-side check, not the engine.
+``generation_config.json`` defaults. It is a training-side check, not the engine: it always runs the whole
+canvas, where the engine cuts it after the text's end once every row has one (``cut_canvas``; quality within
+noise of the whole canvas, ``benchmarks/README.md``).
 
 ``python -m engine.training.evaluate MODEL_DIR [--tasks benchmarks/data/heldout_single_line.jsonl] [--grid]
 [--sampler-out FILE]``: ``FILE`` gets the best sampler as ``train --sampler`` takes it.
