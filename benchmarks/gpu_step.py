@@ -121,9 +121,10 @@ def measure(config: dict[str, Any], scheme: str, layers: int, args: argparse.Nam
     """Build the model with `layers` layers under `scheme` and time prefill, decoder step and denoise step."""
     from transformers import DiffusionGemmaConfig
 
-    from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
+    from engine.denoiser import DenoiseControl, Denoiser
     from engine.hf_compat import returned_cache, with_cache
     from engine.prompt_cache import decode_view, new_recording_cache
+    from engine.sampling import SamplerSettings
 
     hf_config = DiffusionGemmaConfig(**with_layers(config, layers))
     torch.manual_seed(args.seed)

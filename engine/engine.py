@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engine.denoiser import DenoiseControl, Denoiser, SamplerSettings
+from engine.denoiser import DenoiseControl, Denoiser
 from engine.fast_step import FastStep, select_denoiser
 from engine.fill import FillRequest, FillRequestError, FillResult
 from engine.hf_compat import returned_cache, with_cache
@@ -23,6 +23,7 @@ from engine.lean_decoder import PromptKV
 from engine.lean_forward import select_forward
 from engine.loading import LoadedModel
 from engine.prompt_cache import PromptCache, decode_view, new_recording_cache, sliced_cache
+from engine.sampling import SamplerSettings
 from engine.templates import PromptBuilder, PromptTemplate, load_template
 
 log = logging.getLogger("dgls.engine")

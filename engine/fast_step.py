@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from engine.denoiser import DenoiseControl, DenoiseOutput, Denoiser, token_entropy
+from engine.denoiser import DenoiseControl, DenoiseOutput, Denoiser
 from engine.hf_compat import with_cache
+from engine.sampling import token_entropy
 
 log = logging.getLogger("dgls.engine")
 FAST_STEP_MODES = ("auto", "on", "off")

@@ -204,7 +204,7 @@ def test_warm_start_from_the_documents_last_completion(engine: Engine) -> None:
 
 
 def test_token_entropy_is_bit_identical_to_categorical() -> None:
-    from engine.denoiser import token_entropy
+    from engine.sampling import token_entropy
 
     logits = torch.randn(3, 16, 320, generator=torch.Generator().manual_seed(0)) * 5
     logits[..., 3] = float("-inf")  # a suppressed token, as with mask noise
@@ -283,7 +283,7 @@ def test_absorbing_noise_cuts_the_canvas_after_every_rows_decided_end(shipped_en
 def test_canvas_cut_can_be_turned_off(shipped_engine: Engine) -> None:
     from dataclasses import replace
 
-    from engine.denoiser import SamplerSettings
+    from engine.sampling import SamplerSettings
 
     full = Engine(shipped_engine.loaded, settings=replace(shipped_engine.settings, cut_canvas=False))
     for values in CUT_REQUESTS:
@@ -318,14 +318,14 @@ def test_absorbing_noise_is_done_when_nothing_before_eos_is_masked(mask_engine: 
 def test_cdf_sampling_draws_from_the_softmax_and_never_a_zero_probability_token() -> None:
     """The absorbing-noise sampler inverts the cumulative distribution (one draw per row): its token frequencies
     match the softmax, tokens at -inf (the mask token) never come out, and a seed fixes the draws."""
-    from engine.denoiser import Denoiser
+    from engine.sampling import sample_by_cdf
 
     logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]))  # tokens 1 and 5 are impossible
     rows = logits.expand(40_000, -1)
-    tokens = Denoiser._sample_by_cdf(rows, torch.Generator().manual_seed(0))
+    tokens = sample_by_cdf(rows, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
     assert frequencies[1] == 0 and frequencies[5] == 0
     assert torch.allclose(frequencies, torch.softmax(logits, dim=-1), atol=0.01)
-    again = Denoiser._sample_by_cdf(rows[:100], torch.Generator().manual_seed(0))
+    again = sample_by_cdf(rows[:100], torch.Generator().manual_seed(0))
     assert torch.equal(again, tokens[:100])
-    assert Denoiser._sample_by_cdf(rows[:0], None).shape == (0,)
+    assert sample_by_cdf(rows[:0], None).shape == (0,)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.denoiser import Denoiser, SamplerSettings
+from engine.denoiser import Denoiser
 from engine.engine import Engine
 from engine.fill import FillRequest
 from engine.hf_compat import returned_cache, with_cache
@@ -17,6 +17,7 @@ from engine.lean_decoder import PromptKV
 from engine.lean_forward import LeanForward, select_forward
 from engine.loading import load_checkpoint
 from engine.prompt_cache import decode_view, new_recording_cache, sliced_cache
+from engine.sampling import SamplerSettings
 
 VARIANTS = {
     "dense-experts": {},
