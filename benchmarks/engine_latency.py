@@ -68,7 +68,7 @@ def generate_text(engine: Engine, request: FillRequest) -> str:
     torch.manual_seed(request.seed)
     output = engine.model.generate(torch.tensor([ids], device=engine.model.device),
                                    max_new_tokens=engine.denoiser.canvas_length)
-    tokens = engine._until_eos(output.sequences[0, len(ids):].tolist())
+    tokens = engine._until_end(output.sequences[0, len(ids):].tolist())
     return engine._finish_text(tokens, request.mode)
 
 

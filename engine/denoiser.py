@@ -88,10 +88,13 @@ class Denoiser:
         self.canvas_length = int(model.config.canvas_length)
         device = model.device
         self.eos_ids = torch.tensor(eos_ids or [], dtype=torch.long, device=device)
-        # what a canvas holds after its text: EOS, then padding (dgls' training layout); the last one fills
-        # the draft after a cut canvas
-        self.end_ids = torch.tensor(list(eos_ids or []) + ([pad_id] if pad_id is not None else []),
-                                    dtype=torch.long, device=device)
+        # Tokens that end a row's text. Absorbing noise is dgls' training layout, middle + EOS + padding: a
+        # padding token ends the text as an EOS does (never the mask token, should a checkpoint share its id).
+        # Uniform noise keeps transformers' rule, EOS only. The last one fills the draft after a cut canvas.
+        ends = list(eos_ids or [])
+        if noise == "mask" and mask_token_id is not None and pad_id is not None and pad_id != mask_token_id:
+            ends.append(pad_id)
+        self.end_ids = torch.tensor(ends, dtype=torch.long, device=device)
         ends_line = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
         if newline_ids:
             ends_line[torch.tensor(newline_ids, device=device)] = True
@@ -180,7 +183,7 @@ class Denoiser:
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
                 new_processed = torch.where(finished[:, None, None], processed, new_processed)
-            if absorbing:  # done when nothing before the first EOS is masked
+            if absorbing:  # done when nothing before the first end token is masked
                 finished |= self._decided(new_canvas)
             else:  # done when the draft is stable for `stability_threshold` steps and confident
                 stable = (history == new_argmax[None]).all(dim=-1).all(dim=0) if s.stability_threshold else True
@@ -199,7 +202,7 @@ class Denoiser:
             share = getattr(decode, "canvas_share", 1.0) if steps == 1 else 1.0
             if share < 1.0:  # this step also encoded prompt tokens: predict the next by the last plain step
                 step_seconds = self.plain_step_seconds or step_seconds * share
-            else:
+            elif canvas.shape[1] == self.canvas_length:  # a cut canvas's steps are cheaper than a whole one's
                 self.plain_step_seconds = step_seconds
             if control.commit is not None:
                 self._commit(argmax, accepted & (sampled == argmax), control.commit, finished, committed)
@@ -272,8 +275,8 @@ class Denoiser:
     def _commit(
         self, argmax: torch.Tensor, settled: torch.Tensor, mode: str, finished: torch.Tensor, committed: list[int]
     ) -> None:
-        """Mark rows whose text up to the first line end (line mode) or EOS (block mode) is settled."""
-        is_end = torch.isin(argmax, self.eos_ids)
+        """Mark rows whose text up to the first line end (line mode) or text end (block mode) is settled."""
+        is_end = torch.isin(argmax, self.end_ids)
         if mode == "line":
             is_end = is_end | self.ends_line[argmax]
         for row in range(argmax.shape[0]):
@@ -292,9 +295,9 @@ class Denoiser:
         return int(ends.int().argmax(dim=-1).max()) + 1
 
     def _decided(self, canvas: torch.Tensor) -> torch.Tensor:
-        """[B] bool: no position before the first EOS is still masked (absorbing noise is done)."""
-        after_eos = torch.isin(canvas, self.eos_ids).long().cumsum(dim=-1) > 0
-        return ~(canvas.eq(self.mask_id) & ~after_eos).any(dim=-1)
+        """[B] bool: no position before the row's first end token is still masked (absorbing noise is done)."""
+        after_end = torch.isin(canvas, self.end_ids).long().cumsum(dim=-1) > 0
+        return ~(canvas.eq(self.mask_id) & ~after_end).any(dim=-1)
 
     def score(self, processed: torch.Tensor, argmax: torch.Tensor, steps: int) -> torch.Tensor:
         """[B] mean log-probability of each row's draft, which ranks candidates; zeros for a single row (nothing

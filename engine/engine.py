@@ -190,7 +190,7 @@ class Engine:
             tokens = output.canvas[row].tolist()
             if output.committed[row]:
                 tokens = tokens[: output.committed[row]]
-            tokens = self._until_eos(tokens)
+            tokens = self._until_end(tokens)
             valid_tokens += len(tokens)
             texts.append(self._finish_text(tokens, request.mode))
         order = sorted(range(len(texts)), key=lambda row: -float(output.score[row]))
@@ -291,9 +291,11 @@ class Engine:
         while len(self.drafts) > MAX_DRAFTS:
             self.drafts.pop(next(iter(self.drafts)))
 
-    def _until_eos(self, tokens: list[int]) -> list[int]:
+    def _until_end(self, tokens: list[int]) -> list[int]:
+        """The row's text: up to its first end token (EOS; padding too under absorbing noise, see `Denoiser`)."""
+        ends = set(self.denoiser.end_ids.tolist())
         for index, token in enumerate(tokens):
-            if token in self.eos_ids:
+            if token in ends:
                 return tokens[:index]
         return [t for t in tokens if t != self.pad_id]
 

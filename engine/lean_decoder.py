@@ -45,6 +45,7 @@ class DecoderSession:
         self.lean = lean
         self.batch, self.canvas_length = batch, canvas_length
         self.cancelled: Callable[[], bool] | None = None  # polled before each layer (set by `Denoiser.run`)
+        self.cut_tables: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.prompt = prompt if isinstance(prompt, PromptKV) else None
         self.source = prompt.cache if isinstance(prompt, PromptKV) else prompt  # where the prompt's KV is read
         canvas_tables = lean.rope(lean.decoder, length, canvas_length)
@@ -83,11 +84,14 @@ class DecoderSession:
         self.kv.append((keys, values))
 
     def _tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Rotary rows of the first `length` canvas positions of every row."""
+        """Rotary rows of the first `length` canvas positions of every row (kept for the next step)."""
         if length == self.canvas_length:
             return self.canvas_tables
-        return {kind: (_first_positions(cos, self.batch, length), _first_positions(sin, self.batch, length))
-                for kind, (cos, sin) in self.canvas_tables.items()}
+        if self.cut_tables is None or self.cut_tables[0] != length:
+            self.cut_tables = (length, {kind: (_first_positions(cos, self.batch, length),
+                                               _first_positions(sin, self.batch, length))
+                                        for kind, (cos, sin) in self.canvas_tables.items()})
+        return self.cut_tables[1]
 
     @torch.inference_mode()
     def __call__(self, canvas: torch.Tensor, self_conditioning_logits: torch.Tensor | None) -> torch.Tensor:

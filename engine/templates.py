@@ -96,8 +96,8 @@ class PromptBuilder:
         self._text_memo: dict[str, tuple[int, ...]] = {}
         self._literal_memo: dict[str, tuple[int, ...]] = {}
         self._line_counts: dict[str, int] = {}
-        # document -> (line number of its prefix window's start, hash of the prefix up to that line's end)
-        self._window_starts: dict[str, tuple[int, int]] = {}
+        # document -> (line number of its prefix window's first line, that line's text)
+        self._window_starts: dict[str, tuple[int, str]] = {}
 
     def forget(self) -> None:
         """Drop the remembered tokenizations of request text and window starts (benchmarks measuring a cold
@@ -184,20 +184,22 @@ class PromptBuilder:
             grid_start = _round_up(start, LINE_GRID)
             if grid_start < len(lines) - 1:
                 start = grid_start  # a line number on the grid: the same window for many keystrokes
-        if document:
-            _bounded_put(self._window_starts, document, (start, _lines_hash(lines, start)), WINDOW_MEMO_ENTRIES)
+        if document:  # most recently used last, so the memo forgets the documents left longest ago
+            self._window_starts.pop(document, None)
+            _bounded_put(self._window_starts, document, (start, lines[start]), WINDOW_MEMO_ENTRIES)
         window = "\n".join(lines[start:])[-budget * CHARS_PER_TOKEN_CAP :]
         return self.text_ids(window)[-budget:]
 
     def _kept_start(self, document: str, lines: list[str], earliest: int, fitting: list[int]) -> int | None:
-        """The document's last window start if it can stay: the same text up to that line, at or after the
-        `earliest` start that fits, before the last line, and holding at least half the tokens the window from
-        `earliest` (token counts per line: `fitting`) would hold."""
+        """The document's last window start if it can stay: the same line text at the same line number, at or
+        after the `earliest` start that fits, before the last line, and holding at least half the tokens the
+        window from `earliest` (token counts per line: `fitting`) would hold. (Only which window to encode is
+        decided here: the prompt cache reuses what it holds by comparing tokens.)"""
         last = self._window_starts.get(document) if document else None
         if last is None:
             return None
-        start, digest = last
-        if not earliest <= start < len(lines) - 1 or _lines_hash(lines, start) != digest:
+        start, line = last
+        if not earliest <= start < len(lines) - 1 or lines[start] != line:
             return None
         return start if 2 * sum(fitting[start - earliest :]) >= sum(fitting) else None
 
@@ -217,11 +219,6 @@ def _bounded_put(memo: dict[str, Any], key: str, value: Any, limit: int) -> None
         for old in list(memo)[: limit // 2]:
             del memo[old]
     memo[key] = value
-
-
-def _lines_hash(lines: list[str], start: int) -> int:
-    """Identifies the prefix up to and including line `start` (its text and its place)."""
-    return hash((start, "\n".join(lines[: start + 1])))
 
 
 def _round_up(value: int, grid: int) -> int:

@@ -134,6 +134,17 @@ def test_cancellation_stops_mid_step_at_the_next_layer(engine: Engine) -> None:
     assert result.steps == 1
     assert polls["n"] == true_from  # nothing ran after the cancel was seen
 
+    from engine.denoiser import DenoiseControl
+    from engine.prompt_cache import decode_view
+
+    ids = engine.builder.render(request())
+    full, _ = engine._encode(tuple(ids), use_cache=False)
+    _, cancelled = polls_until(true_from)
+    output = engine.denoiser.run(decode_view(full, engine.text_config), len(ids), 1, torch.Generator().manual_seed(0),
+                                 DenoiseControl(cancelled=cancelled))
+    assert output.cancelled and output.steps == 1
+    assert output.forwards == [1]  # the stopped step's forward is not counted
+
 
 def test_candidates_are_one_batch_with_different_samples(engine: Engine) -> None:
     calls = {"n": 0, "rows": set()}
@@ -298,6 +309,16 @@ def test_canvas_cut_can_be_turned_off(shipped_engine: Engine) -> None:
         del config.dgls_cut_canvas
 
 
+def test_a_rewrite_with_fixed_tokens_is_cut_too(shipped_engine: Engine) -> None:
+    """A rewrite keeps its seeded tokens fixed; when its canvas is cut, the fixed positions are cut with it."""
+    seed = "return a + b"
+    fill = FillRequest(prefix="def add(a, b):\n    ", suffix="\n\n\nprint(add(1, 2))\n", mode="block",
+                       seed_canvas=seed, keep_fixed=True, deadline_ms=60_000, use_cache=False)
+    canvases, result = recorded_canvases(shipped_engine, fill)
+    assert min(canvas.shape[1] for canvas in canvases) < shipped_engine.denoiser.canvas_length
+    assert result.text.startswith(seed) and result.converged
+
+
 def test_a_cut_canvas_returns_padding_after_it(shipped_engine: Engine) -> None:
     """Positions after the cut come back as padding, never as guesses for positions no step decided."""
     for values in CUT_REQUESTS:
@@ -308,11 +329,22 @@ def test_a_cut_canvas_returns_padding_after_it(shipped_engine: Engine) -> None:
         assert set(tokens[first_end + 1 :]) <= {0, 1}, tokens
 
 
-def test_absorbing_noise_is_done_when_nothing_before_eos_is_masked(mask_engine: Engine) -> None:
+def test_absorbing_noise_is_done_when_nothing_before_the_text_end_is_masked(mask_engine: Engine) -> None:
     decided = mask_engine.denoiser._decided
     assert decided(torch.tensor([[40, 41, 1, 3, 3]])).item() is True  # masks only after EOS
+    assert decided(torch.tensor([[40, 41, 0, 3, 3]])).item() is True  # ... or after padding (the training layout)
     assert decided(torch.tensor([[40, 3, 1, 3, 3]])).item() is False
+    assert decided(torch.tensor([[40, 3, 0, 3, 3]])).item() is False
     assert decided(torch.tensor([[40, 41, 42, 43, 44]])).item() is True
+
+
+def test_the_text_ends_at_eos_and_under_absorbing_noise_at_padding(engine: Engine, mask_engine: Engine) -> None:
+    """dgls' absorbing-noise models learned middle + EOS + padding: text after a padding token is not theirs.
+    Uniform noise keeps transformers' rule (EOS ends it, padding is dropped)."""
+    assert mask_engine._until_end([40, 41, 0, 42, 1]) == [40, 41]
+    assert mask_engine._until_end([40, 41, 1, 42, 0]) == [40, 41]
+    assert engine._until_end([40, 41, 0, 42, 1]) == [40, 41, 0, 42]
+    assert engine._until_end([40, 0, 41]) == [40, 41]
 
 
 def test_cdf_sampling_draws_from_the_softmax_and_never_a_zero_probability_token() -> None:

@@ -53,8 +53,9 @@ def test_prefix_window_is_stable_while_typing_on_the_last_line(tokenizer) -> Non
 
 def test_a_documents_prefix_window_stays_put_while_it_fits(tokenizer) -> None:
     """Deleting a long word frees budget: a fresh window would start lines earlier (re-encoding the whole
-    window); the document's window stays where it was. It moves on only when it no longer fits, and a changed
-    line before its start, or another document, gets a fresh window."""
+    window); the document's window stays where it was. It moves on when it no longer fits, when it would hold
+    less than half of what a fresh window holds, when its first line changed, after `forget()`, and another
+    document gets its own."""
     template = PromptTemplate.from_dict({"segments": ["{prefix}"], "budgets": {"prefix": 512}}, "t")
     builder = PromptBuilder(tokenizer, template)
     body = "".join(f"value_{i} = compute({i})\n" for i in range(200))
@@ -72,9 +73,21 @@ def test_a_documents_prefix_window_stays_put_while_it_fits(tokenizer) -> None:
 
     grown = builder.prefix_ids(short_line + "abc_" * 80, "doc")  # the old start no longer fits
     assert len(grown) <= 512 and grown[:16] != first[:16]
-    edited = "value_0 = changed\n" + short_line.split("\n", 1)[1]
+
     builder.prefix_ids(long_line, "doc2")
-    assert builder.prefix_ids(edited, "doc2") == builder.prefix_ids(edited)  # the text before the start changed
+    start = tokenizer.decode(first).split("\n", 1)[0]  # the kept window's first line, e.g. "value_184 = ..."
+    edited = short_line.replace(start + "\n", "v = 0\n")  # shorter: a fresh window starts lines earlier
+    assert builder.prefix_ids(edited, "doc2") == builder.prefix_ids(edited)  # its first line changed
+
+    lines = body.split("\n")
+    builder.prefix_ids(long_line, "doc3")
+    number = next(i for i, line in enumerate(lines) if line == start)
+    up = "\n".join(lines[: number + 3]) + "\nresult = "  # the cursor moved up: 3 lines left after the start
+    assert builder.prefix_ids(up, "doc3") == builder.prefix_ids(up)  # under half a fresh window: not kept
+
+    builder.prefix_ids(long_line, "doc4")
+    builder.forget()
+    assert builder.prefix_ids(short_line, "doc4") == fresh_short
 
 
 def test_user_template_file(tmp_path, tokenizer) -> None:
