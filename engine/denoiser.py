@@ -3,13 +3,14 @@
 Reproduces `DiffusionGemmaForBlockDiffusion.generate` for one canvas (entropy-bound sampler, linear
 temperature schedule, self-conditioning, stable-and-confident adaptive stop; same random draws in the same
 order, so with the same seed the tokens are identical) and adds what an editor needs: a deadline that returns
-the best draft so far, early commit once the line (or block) up to its end is accepted, cancellation at step
-boundaries, N candidates as one batch, and seeded canvases with fixed positions. The noise process is the
-checkpoint's: uniform random tokens (DiffusionGemma) or an absorbing mask token. With absorbing noise, once
-every row has decided where its text ends (an EOS or padding token), later steps run the canvas only that far
-(`SamplerSettings.cut_canvas`): what follows is padding the output never shows, and a line completion's
-second step then costs ~6 of ~11 ms on the shipped model (benchmarks/README.md has the quality check). Knows
-nothing about text, templates or caches beyond the decoder view it is handed.
+the best draft so far, early commit once the line (or block) up to its end is accepted, cancellation before
+every step (and every layer, with dgls' forward), N candidates as one batch, and seeded canvases with fixed
+positions. The noise process is the checkpoint's: uniform random tokens (DiffusionGemma) or an absorbing mask
+token. With absorbing noise, once every row has decided where its text ends (an EOS or padding token), later
+steps run the canvas only that far (`SamplerSettings.cut_canvas`): what follows is padding the output never
+shows, and a line completion's second step then costs ~7 instead of ~11 ms on the shipped model
+(benchmarks/README.md has the quality check). Knows nothing about text, templates or caches beyond the decoder
+view it is handed.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class Denoiser:
             seed = seed_canvas.to(device).expand(batch, -1)
             canvas = torch.where(seed >= 0, seed, canvas)
         argmax = canvas
-        draft = canvas.clone()  # the full-length draft, for canvases cut short after their EOS
+        draft = canvas.clone()  # the full-length draft, for canvases cut short after their text's end
         decode = self.decoder(cache_view, prompt_length, batch)
         if isinstance(decode, DecoderSession):
             decode.cancelled = control.cancelled
@@ -215,8 +216,7 @@ class Denoiser:
             if absorbing and s.cut_canvas:
                 length = self._length_to_end(canvas)
                 if length < canvas.shape[1]:  # every row's text has ended: what follows is padding
-                    draft[:, :length] = argmax[:, :length]
-                    draft[:, length:] = self.end_ids[-1]
+                    draft[:, length:] = self.end_ids[-1]  # the kept positions are written back at the end
                     canvas, argmax, processed = canvas[:, :length], argmax[:, :length], processed[:, :length]
                     self_conditioning = self_conditioning[:, :length]
         score = self.score(processed, argmax, steps)

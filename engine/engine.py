@@ -61,6 +61,7 @@ class Engine:
             newline_ids=self._newline_token_ids(),
             pad_id=self.text_config.pad_token_id,
         )
+        self.text_end_ids = frozenset(self.denoiser.end_ids.tolist())  # see `_until_end`
         self.fast_step_mode = fast_step
         self.stepper: Denoiser | FastStep = select_denoiser(self.denoiser, fast_step)  # engine/fast_step.py
         self.lean_forward_mode = lean_forward
@@ -293,9 +294,8 @@ class Engine:
 
     def _until_end(self, tokens: list[int]) -> list[int]:
         """The row's text: up to its first end token (EOS; padding too under absorbing noise, see `Denoiser`)."""
-        ends = set(self.denoiser.end_ids.tolist())
         for index, token in enumerate(tokens):
-            if token in ends:
+            if token in self.text_end_ids:
                 return tokens[:index]
         return [t for t in tokens if t != self.pad_id]
 
