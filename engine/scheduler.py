@@ -2,8 +2,9 @@
 
 Interactive fills run before rewrites; within a priority, first come first served. A fill for a document
 supersedes every queued or running fill of the same document with an older or equal version (editors such as
-Neovim never cancel automatic requests): queued ones are answered `superseded` at once, a running one stops at
-its next denoising step. Results are handed back to the asyncio loop that submitted them.
+Neovim never cancel automatic requests): queued ones are answered `superseded` at once, a running one stops
+before its next layer (its next denoising step with transformers' forward). Results are handed back to the
+asyncio loop that submitted them.
 
 All model work happens on the worker thread, the warm-up fill included: on a CPU, torch's OpenMP thread team
 belongs to the thread that first runs parallel work, and fills on another thread than the warm-up's ran
