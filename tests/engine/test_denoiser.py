@@ -147,25 +147,9 @@ def test_cancellation_stops_mid_step_at_the_next_layer(engine: Engine) -> None:
 
 
 def test_candidates_are_one_batch_with_different_samples(engine: Engine) -> None:
-    calls = {"n": 0, "rows": set()}
-    original = engine.denoiser.decoder
-
-    def counting_decoder(*args):
-        decode = original(*args)
-
-        def counted(canvas, self_conditioning):
-            calls["n"] += 1
-            calls["rows"].add(canvas.shape[0])
-            return decode(canvas, self_conditioning)
-
-        return counted
-
-    engine.denoiser.decoder = counting_decoder
-    try:
-        result = engine.fill(request(candidates=4, mode="block"))
-    finally:
-        engine.denoiser.decoder = original
-    assert calls["n"] == result.steps and calls["rows"] == {4}  # one decoder forward per step for all four
+    canvases, result = recorded_canvases(engine, request(candidates=4, mode="block"))
+    assert len(canvases) == result.steps  # one decoder forward per step for all four
+    assert {canvas.shape[0] for canvas in canvases} == {4}
     assert 2 <= len(result.candidates) <= 4  # random rows differ; duplicates are merged
     assert result.text == result.candidates[0]
 
