@@ -53,6 +53,10 @@ class Job:
     loop: asyncio.AbstractEventLoop = field(compare=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, compare=False)
     cancel_code: str = field(default="cancelled", compare=False)
+    # Called once with (result, None) or (None, error) instead of settling `future` (which then stays pending), on
+    # the thread that ends the job: the worker's for a fill that ran, else the submitter's (superseded or cancelled
+    # while queued, or the scheduler stopping). The engine server writes its reply from there.
+    on_done: Callable[[FillResult | None, FillError | None], None] | None = field(default=None, compare=False)
 
     def cancel(self, code: str) -> None:
         self.cancel_code = code
@@ -99,9 +103,12 @@ class Scheduler:
                 self.running.cancel("shutting_down")
             self.lock.notify_all()
 
-    def submit(self, request: FillRequest) -> Job:
+    def submit(self, request: FillRequest,
+               on_done: Callable[[FillResult | None, FillError | None], None] | None = None) -> Job:
+        """Queue `request`; its outcome settles the job's future, or goes to `on_done` (see `Job`)."""
         loop = asyncio.get_running_loop()
-        job = Job((PRIORITY[request.priority], next(self.counter)), request, loop.create_future(), loop)
+        job = Job((PRIORITY[request.priority], next(self.counter)), request, loop.create_future(), loop,
+                  on_done=on_done)
         with self.lock:
             if self.stopped:
                 self._resolve(job, error=FillError("shutting_down", "the engine is stopping"))
@@ -197,6 +204,16 @@ class Scheduler:
 
     @staticmethod
     def _resolve(job: Job, result: FillResult | None = None, error: FillError | None = None) -> None:
+        """Hand a job's outcome over, once: to its `on_done` at once, on this thread; else to its future, on its
+        event loop (nothing when that loop is closed: the engine stopped while the fill ran)."""
+        if job.on_done is not None:
+            on_done, job.on_done = job.on_done, None
+            try:
+                on_done(result, error)
+            except Exception:  # the worker must outlive any one reply
+                log.exception("handing over a fill's outcome failed")
+            return
+
         def settle() -> None:
             if job.future.done():
                 return
@@ -205,7 +222,7 @@ class Scheduler:
             else:
                 job.future.set_result(result)  # type: ignore[arg-type]
 
-        if job.loop.is_closed():  # the engine stopped while this fill ran: nobody waits for it any more
+        if job.loop.is_closed():
             return
         try:
             job.loop.call_soon_threadsafe(settle)

@@ -19,14 +19,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import check_checkpoint_dir, default_model_dir
 from engine.engine import DEFAULT_CACHE_BYTES, Engine
-from engine.fill import FillRequest, FillRequestError
+from engine.fill import FillRequest, FillRequestError, FillResult
 from engine.loading import load_checkpoint
 from engine.protocol import (
     HEADER,
@@ -97,6 +97,7 @@ class EngineServer:
         self.last_activity = time.monotonic()
         self.stopping = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
+        self.connections: set[_Connection] = set()
 
     async def run(self) -> None:
         path = self.options.socket_path
@@ -108,7 +109,7 @@ class EngineServer:
             if socket_answers(path):
                 raise EngineAlreadyRunning(f"an engine already answers on {path}; run 'dgls engine stop' first")
             path.unlink()
-        self.server = await asyncio.start_unix_server(self._connection, path=str(path), limit=MAX_FRAME_BYTES)
+        self.server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), path=str(path))
         os.chmod(path, 0o600)
         loop = self.loop = asyncio.get_running_loop()
         if self.stop_requested:  # a signal came before there was a loop to tell
@@ -120,12 +121,17 @@ class EngineServer:
         tasks = [asyncio.create_task(self._load()), asyncio.create_task(self._idle_watch())]
         try:
             await self.stopping.wait()
+            if self.scheduler is not None:
+                self.scheduler.stop()
+                await asyncio.sleep(0)  # queued fills are answered `shutting_down` before their connections close
         finally:
             for task in tasks:
                 task.cancel()
             if self.scheduler is not None:
                 self.scheduler.stop()
             self.server.close()
+            for connection in list(self.connections):  # clients see the engine go, not a silent socket
+                connection.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             log.info("engine stopped")
@@ -213,86 +219,176 @@ class EngineServer:
             status.update(self.scheduler.status())
         return status
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        write_lock = asyncio.Lock()
-        jobs: dict[int, Job] = {}
-        tasks: set[asyncio.Task[None]] = set()
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the event loop, unless the engine has stopped."""
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # closed
+                self.loop.call_soon_threadsafe(callback)
 
-        async def send(message: dict[str, Any]) -> None:
-            async with write_lock:
-                writer.write(encode_frame(message))
-                with contextlib.suppress(ConnectionError):
-                    await writer.drain()
-
-        try:
-            while True:
-                try:
-                    header = await reader.readexactly(HEADER.size)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
-                (length,) = HEADER.unpack(header)
-                if length > MAX_FRAME_BYTES:
-                    await send(error_reply(None, "too_large", f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}"))
-                    break  # the stream cannot be resynchronised
-                try:
-                    body = await reader.readexactly(length)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
-                task = asyncio.create_task(self._handle(body, send, jobs))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        except asyncio.CancelledError:  # the engine is stopping with this client still connected: end quietly
-            pass  # (Python 3.11's stream protocol logs a cancelled connection handler as an error)
-        finally:
-            for job in jobs.values():
-                if self.scheduler is not None:
-                    self.scheduler.cancel(job)
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):  # stopping: see above
-                await writer.wait_closed()
-
-    async def _handle(self, body: bytes, send: Any, jobs: dict[int, Job]) -> None:
+    def _message(self, body: bytes, connection: _Connection) -> None:
+        """Handle one frame as it arrives, on the event loop: status, cancel and shutdown are answered at once and
+        a fill goes straight to the scheduler, whose worker replies through `connection` (no task per message:
+        each task and each await of a future is another turn of the event loop between the socket and the model
+        thread)."""
         message_id = None
         try:
             message = decode_body(body)
             message_id = message["id"]
             kind = message["type"]
             if kind == "status":
-                await send(ok_reply(message_id, self.status()))
+                connection.send(ok_reply(message_id, self.status()))
             elif kind == "shutdown":
-                await send(ok_reply(message_id, {"stopping": True}))
+                connection.send(ok_reply(message_id, {"stopping": True}))
                 self.stopping.set()
             elif kind == "cancel":
-                target = jobs.get(message.get("target", -1))
+                target = connection.jobs.get(message.get("target", -1))
                 if target is not None and self.scheduler is not None:
                     self.scheduler.cancel(target)
-                await send(ok_reply(message_id, {"cancelled": target is not None}))
+                connection.send(ok_reply(message_id, {"cancelled": target is not None}))
             else:
-                self.last_activity = time.monotonic()
-                result = await self._fill(message, message_id, jobs)
-                await send(ok_reply(message_id, result))
-                self.last_activity = time.monotonic()
+                request = FillRequest.from_dict(message.get("request"))
+                if self.ready.is_set():
+                    self._submit(request, message_id, connection)
+                else:
+                    connection.later(self._submit_when_ready(request, message_id, connection))
         except ProtocolError as exc:
-            await send(error_reply(message_id, exc.code, exc.message))
+            connection.send(error_reply(message_id, exc.code, exc.message))
         except FillRequestError as exc:
-            await send(error_reply(message_id, "bad_request", str(exc)))
-        except FillError as exc:
-            await send(error_reply(message_id, exc.code, exc.message))
+            connection.send(error_reply(message_id, "bad_request", str(exc)))
         except Exception as exc:  # never let one message take the connection or the engine down
             log.exception("message failed")
-            await send(error_reply(message_id, "internal", f"{type(exc).__name__}: {exc}"))
+            connection.send(error_reply(message_id, "internal", f"{type(exc).__name__}: {exc}"))
 
-    async def _fill(self, message: dict[str, Any], message_id: int, jobs: dict[int, Job]) -> dict[str, Any]:
-        request = FillRequest.from_dict(message.get("request"))
+    async def _submit_when_ready(self, request: FillRequest, message_id: int, connection: _Connection) -> None:
         await self.ready.wait()
+        self._submit(request, message_id, connection)
+
+    def _submit(self, request: FillRequest, message_id: int, connection: _Connection) -> None:
         if self.scheduler is None:
-            raise FillError("not_ready", f"the model failed to load: {self.load_error}")
-        job = self.scheduler.submit(request)
-        jobs[message_id] = job
-        try:
-            return (await job.future).to_dict()
-        finally:
-            jobs.pop(message_id, None)
+            connection.send(error_reply(message_id, "not_ready", f"the model failed to load: {self.load_error}"))
+            return
+        self.last_activity = time.monotonic()
+
+        def done(result: FillResult | None, error: FillError | None) -> None:
+            """On the worker thread as its fill ends (or on the event loop for a fill that never ran): the reply
+            goes to the socket from here, waking no other thread of the engine."""
+            try:
+                reply = ok_reply(message_id, result.to_dict()) if error is None else error_reply(  # type: ignore[union-attr]
+                    message_id, error.code, error.message)
+                frame = encode_frame(reply)
+            except Exception as exc:  # an unencodable result fails this request, not the connection
+                log.exception("reply failed")
+                frame = encode_frame(error_reply(message_id, "internal", f"{type(exc).__name__}: {exc}"))
+            connection.send_frame(frame, ends=message_id)
+            self.last_activity = time.monotonic()
+
+        with connection.lock:
+            connection.jobs[message_id] = None  # a placeholder: `done` runs inside `submit` if the scheduler stopped
+        job = self.scheduler.submit(request, on_done=done)
+        with connection.lock:
+            if message_id in connection.jobs:
+                connection.jobs[message_id] = job
+
+
+class _Connection(asyncio.Protocol):
+    """One client's connection: frames are cut from the byte stream as they arrive and handed to the server;
+    replies are written as they are ready, in any order (they carry their request's id).
+
+    Replies may be written from the scheduler's worker thread (`send_frame`): straight to the socket when nothing
+    is queued in the transport, else through the event loop. Every write and every change of `jobs` holds `lock`;
+    `connection_lost` takes it too before the transport closes the socket, so a worker never writes to a closed
+    (or reused) descriptor."""
+
+    def __init__(self, server: EngineServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.jobs: dict[int, Job | None] = {}  # fills in the scheduler, by message id (`cancel` names them)
+        self.tasks: set[asyncio.Task[None]] = set()  # fills waiting for the model to load
+        self.transport: asyncio.Transport | None = None
+        self.lock = threading.Lock()
+        self.held = b""  # the rest of a frame the worker could only partly write; goes out before anything else
+        self.loop_thread = threading.get_ident()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= HEADER.size and self.transport is not None:
+            (length,) = HEADER.unpack_from(self.buffer)
+            if length > MAX_FRAME_BYTES:
+                self.send(error_reply(None, "too_large", f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}"))
+                self.close()  # the stream cannot be resynchronised
+                return
+            if len(self.buffer) < HEADER.size + length:
+                return
+            body = bytes(self.buffer[HEADER.size : HEADER.size + length])
+            del self.buffer[: HEADER.size + length]
+            self.server._message(body, self)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write a reply from the event loop."""
+        self.send_frame(encode_frame(message))
+
+    def send_frame(self, frame: bytes, ends: int | None = None) -> None:
+        """Write an encoded reply, from any thread; it `ends` the fill with that message id."""
+        with self.lock:
+            if ends is not None:
+                self.jobs.pop(ends, None)
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            if threading.get_ident() == self.loop_thread:
+                self._write_held()
+                transport.write(frame)
+                return
+            if not self.held and not transport.get_write_buffer_size():
+                try:
+                    sent = os.write(transport.get_extra_info("socket").fileno(), frame)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:  # the client is gone: the event loop notices and cleans up
+                    return
+                frame = frame[sent:]
+                if not frame:
+                    return
+            self.held += frame
+        self.server.call_soon_threadsafe(self._flush_held)
+
+    def _flush_held(self) -> None:
+        with self.lock:
+            if self.transport is not None and not self.transport.is_closing():
+                self._write_held()
+
+    def _write_held(self) -> None:
+        if self.held and self.transport is not None:
+            self.transport.write(self.held)
+            self.held = b""
+
+    def later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def close(self) -> None:
+        with self.lock:
+            self._write_held()
+            if self.transport is not None:
+                self.transport.close()  # writes what is buffered first
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with self.lock:
+            self.transport = None
+        self.server.connections.discard(self)
+        for task in self.tasks:
+            task.cancel()
+        with self.lock:
+            jobs, self.jobs = list(self.jobs.values()), {}
+        for job in jobs:
+            if job is not None and self.server.scheduler is not None:
+                self.server.scheduler.cancel(job)
 
 
 def serve(options: ServeOptions) -> None:

@@ -289,3 +289,33 @@ def test_a_fill_ending_after_the_engine_stopped_settles_nothing() -> None:
     loop.close()
     Scheduler._resolve(job, error=None, result=None)  # raised "Event loop is closed" on the main thread before
     assert not job.future.done()
+
+
+def test_replies_stay_whole_frames_when_the_client_reads_late(running_engine) -> None:
+    """Fill replies are written from the worker thread straight to the socket only while nothing waits in the
+    event loop's write buffer; a client that stops reading gets every reply later, in whole frames."""
+    _, socket_path = running_engine
+    fill = json.dumps({"id": 1, "type": "fill", "request": {"prefix": PREFIX, "deadline_ms": 30_000}}).encode()
+    status = json.dumps({"id": 2, "type": "status"}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        frames = [struct.pack(">I", len(fill)) + fill] + [struct.pack(">I", len(status)) + status] * 400
+        sock.sendall(b"".join(frames))  # ~400 status replies fill the socket while the fill runs
+        import time
+
+        time.sleep(2.0)  # the fill ends while its reply cannot be written straight away
+        replies = []
+        data = b""
+        while len(replies) < 401:
+            chunk = sock.recv(65536)
+            assert chunk, "the engine closed the connection"
+            data += chunk
+            while len(data) >= 4 and len(data) >= 4 + struct.unpack(">I", data[:4])[0]:
+                (length,) = struct.unpack(">I", data[:4])
+                replies.append(json.loads(data[4 : 4 + length]))
+                data = data[4 + length :]
+    assert sorted(reply["id"] for reply in replies) == [1] + [2] * 400
+    assert all(reply["ok"] for reply in replies)
+    assert next(reply for reply in replies if reply["id"] == 1)["result"]["steps"] >= 1
