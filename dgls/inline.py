@@ -23,6 +23,7 @@ from typing import Any
 
 from lsprotocol import types
 
+from dgls import document
 from dgls.context import CompletionContext, build_context
 from dgls.postprocess import Suggestion, postprocess
 from dgls.session import Session
@@ -328,9 +329,10 @@ def _cursor_after(change: Any, snapshot: DocumentSnapshot) -> types.Position | N
     start, text = change.range.start, change.text
     if text in AUTO_CLOSED:  # an editor closing the pair it opened leaves the cursor inside it
         text = text[0]
-    _, newline, last = text.rpartition("\n")
-    if newline:
-        return types.Position(line=start.line + text.count("\n"), character=snapshot.units(last))
+    lines = document.line_number(text, len(text))
+    if lines:
+        last = text[document.line_start(text, lines) or 0 :]
+        return types.Position(line=start.line + lines, character=snapshot.units(last))
     return types.Position(line=start.line, character=start.character + snapshot.units(text))
 
 

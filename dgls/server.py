@@ -27,7 +27,7 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import RPCRequest
 from pygls.protocol.language_server import lsp_method
 
-from dgls import __version__, inline, selection
+from dgls import __version__, document, inline, selection
 from dgls.session import Session, current_command
 from engine.protocol import default_socket_path
 
@@ -58,6 +58,20 @@ class DglsProtocol(LanguageServerProtocol):
         uri = getattr(getattr(getattr(message, "params", None), "text_document", None), "uri", None)
         document = self.workspace.text_documents.get(unquote(uri)) if isinstance(uri, str) else None
         return None if document is None else document.version
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams) -> Any:
+        """pygls' own didChange, with edits applied by `dgls.document.apply_change` (LSP's line breaks, one
+        splice): pygls' breaks lines where Python does and copies the document line by line."""
+        opened = self.workspace.text_documents.get(unquote(params.text_document.uri))
+        if opened is None:  # never opened: pygls' own handling raises and reports it
+            yield from super().lsp_text_document__did_change(params)
+            return
+        for change in params.content_changes:
+            document.apply_change(opened, change)
+        opened.version = params.text_document.version
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CHANGE)) is not None:
+            yield handler, (params,), None
 
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
     async def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams) -> Any:  # type: ignore[override]
