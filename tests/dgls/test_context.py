@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +161,82 @@ def context_and_thread(name: str, text: str) -> tuple[Any, str]:
         return asyncio.run(build())
     finally:
         inline.build_context = original  # type: ignore[assignment]
+
+
+def _typed_through(path: Path, language: str, rng: random.Random) -> list[tuple[str, int, int]]:
+    """A random non-blank line of `path`, typed again from its indentation: (text, offset, line) per keystroke."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while True:
+        number = rng.randrange(5, len(lines) - 2)
+        if lines[number].strip():
+            break
+    line = lines[number]
+    indent = len(line) - len(line.lstrip())
+    start = sum(len(text) + 1 for text in lines[:number]) + indent
+    base = "\n".join(lines[:number] + [line[:indent]] + lines[number + 1 :])
+    return [(base[:start] + line[indent : indent + k] + base[start:], start + k, number)
+            for k in range(1, len(line) - indent + 1)]
+
+
+def test_typing_within_a_line_reuses_the_last_parse_and_finds_what_a_parse_finds(monkeypatch) -> None:
+    """Typing on real code, keystroke by keystroke: where the parse is skipped, the snippets are those a fresh
+    parse finds; the only differences are keystrokes whose text has a syntax error that made tree-sitter's
+    recovery lose imports or headers the file still has, and there the reused facts keep them."""
+    from benchmarks.requests_from_files import default_files
+    from dgls import context
+
+    parse = context._syntax_facts
+    parses = []
+    monkeypatch.setattr(context, "_syntax_facts", lambda *args: parses.append(args) or parse(*args))
+    files = [(path, "python") for path in default_files()]
+    files += [(path, "typescript") for path in sorted(Path("editors/vscode/src").glob("*.ts"))]
+    rng = random.Random(0)
+    keystrokes = lost_by_recovery = 0
+    for _ in range(40):
+        path, language = files[rng.randrange(len(files))]
+        for text, offset, number in _typed_through(path, language, rng):
+            typed = build_context(text, offset, number, language, str(path))
+            facts = parse(text, offset, window_start(text, offset, number, 1024), window_end(text, offset, 512),
+                          language, f"{path}#fresh")
+            fresh = context._snippets(facts, str(path), 1024)
+            keystrokes += 1
+            if typed.snippets != fresh:
+                assert facts.get("reusable") is False  # a fresh parse with errors lost what the reused one kept
+                assert len("".join(s.text for s in typed.snippets)) > len("".join(s.text for s in fresh))
+                lost_by_recovery += 1
+    assert keystrokes > 500
+    assert len(parses) < 0.7 * keystrokes  # the parse was skipped for a good share of the keystrokes
+    assert lost_by_recovery < 0.02 * keystrokes
+
+
+def test_a_keystroke_that_can_change_the_syntax_is_parsed(monkeypatch) -> None:
+    from dgls import context
+
+    parse = context._syntax_facts
+    parses = []
+    monkeypatch.setattr(context, "_syntax_facts", lambda *args: parses.append(args[0]) or parse(*args))
+    line = "    total = compute(a, b)"
+    body = "import os\n\n\ndef outer(a, b):\n" + "    x = 1\n" * 40
+    for typed in range(len("    tot"), len(line) + 1):
+        text = body + line[:typed] + "\n    return total\n"
+        context.build_context(text, len(body) + typed, 44, "python", "/tmp/keystrokes.py")
+    typed_after_code = [line[:n] for n in range(len("    tot"), len(line) + 1)]
+    parsed = [text[len(body):].split("\n")[0] for text in parses]
+    # the first keystroke parses; so does every one that types a bracket or follows one that left an error
+    assert parsed[0] == "    tot" and "    total = compute(" in parsed and "    total = compute(a, b)" in parsed
+    assert "    total = comp" not in parsed  # plain letters after clean code reuse the last parse
+    assert set(parsed) <= set(typed_after_code)
+    text = body + "    total = 1\n    return total\n"
+    context.build_context(text, len(body) + 4, 44, "python", "/tmp/keystrokes.py")  # the cursor in the indentation
+    assert parses[-1] == text
+    context.build_context(text, len(body) + 13, 44, "python", "/tmp/keystrokes.py")
+    dedented = body + "   total = 1\n    return total\n"  # a space less of indentation, the cursor after the code
+    context.build_context(dedented, len(body) + 12, 44, "python", "/tmp/keystrokes.py")
+    assert parses[-1] == dedented
+    for edited in (text.replace("import os", "import re"), text.replace("return total", "return other")):
+        context.build_context(text, len(body) + 4, 44, "python", "/tmp/keystrokes.py")  # parsed: the cursor is in
+        context.build_context(edited, len(body) + 13, 44, "python", "/tmp/keystrokes.py")  # the indentation
+        assert parses[-1] == edited  # an edit on another line (same length, same cursor line): parsed again
+    for prefix_tokens in (256, 4):  # a window that starts elsewhere reads other facts
+        context.build_context(text, len(body) + 13, 44, "python", "/tmp/keystrokes.py", prefix_tokens)
+    assert parses[-1] == parses[-2] == text
