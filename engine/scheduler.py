@@ -34,6 +34,11 @@ from engine.fill import FillRequest, FillRequestError, FillResult
 
 log = logging.getLogger("dgls.engine")
 PRIORITY = {"interactive": 0, "rewrite": 1}
+# An idle worker wakes up this often. On the engine's main thread that is what lets a SIGINT or SIGTERM through:
+# CPython runs signal handlers on the main thread only, between bytecodes, and a signal that lands after the
+# thread let go of the interpreter but before it blocked in the lock is seen at its next wake-up (a client that
+# sent the signal right after its reply stopped the engine only after that; without a timeout, never).
+IDLE_WAKE_S = 0.5
 
 
 class FillError(Exception):
@@ -167,7 +172,7 @@ class Scheduler:
         while True:
             with self.lock:
                 while not self.queue and not self.stopped:
-                    self.lock.wait()
+                    self.lock.wait(timeout=IDLE_WAKE_S)
                 if self.stopped:
                     return
                 job = heapq.heappop(self.queue)

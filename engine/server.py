@@ -39,7 +39,7 @@ from engine.protocol import (
     ok_reply,
     prepare_socket_dir,
 )
-from engine.scheduler import FillError, Job, Scheduler
+from engine.scheduler import IDLE_WAKE_S, FillError, Job, Scheduler
 from engine.templates import load_template
 
 log = logging.getLogger("dgls.engine")
@@ -422,7 +422,7 @@ def serve(options: ServeOptions) -> None:
     thread = threading.Thread(target=event_loop, name="dgls-engine-io", daemon=True)
     thread.start()
     try:
-        while (work := handoff.get()) is not None:
+        while (work := _get_awake(handoff)) is not None:
             work()  # the scheduler's worker loop: returns once the scheduler stops
         thread.join()
     finally:
@@ -430,3 +430,12 @@ def serve(options: ServeOptions) -> None:
             signal.signal(sig, handler)
     if failure:
         raise failure[0]
+
+
+def _get_awake(handoff: queue.SimpleQueue[Callable[[], None] | None]) -> Callable[[], None] | None:
+    """`handoff.get()`, waking up every IDLE_WAKE_S: see `engine.scheduler.IDLE_WAKE_S`."""
+    while True:
+        try:
+            return handoff.get(timeout=IDLE_WAKE_S)
+        except queue.Empty:
+            continue
