@@ -124,47 +124,29 @@ class AsyncEngineClient:
         self.socket_path = socket_path
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.writer: asyncio.StreamWriter | None = None
-        self.reader_task: asyncio.Task[None] | None = None
+        self.connection: _Replies | None = None
 
     @property
     def connected(self) -> bool:
-        return self.writer is not None and not self.writer.is_closing()
+        return self.connection is not None and self.connection.open
 
     async def connect(self) -> None:
         try:
-            reader, self.writer = await asyncio.open_unix_connection(str(self.socket_path), limit=2**26)
+            _, self.connection = await asyncio.get_running_loop().create_unix_connection(
+                lambda: _Replies(self.pending), str(self.socket_path))
         except OSError as exc:
             raise EngineUnavailable(f"no engine answers on {self.socket_path} ({exc.strerror or exc})") from None
-        self.reader_task = asyncio.create_task(self._read_replies(reader))
-
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                reply_id, reply = _reply_id(await reader.readexactly(length))
-                future = self.pending.pop(reply_id, None) if reply_id is not None else None
-                if future is not None and not future.done():
-                    future.set_result(reply)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        finally:
-            for future in self.pending.values():
-                if not future.done():
-                    future.set_exception(EngineUnavailable("the engine connection was lost"))
-            self.pending.clear()
-            if self.writer is not None:
-                self.writer.close()
 
     def submit(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
         """Write a request on the open connection now, before returning; its reply arrives on the future."""
-        if self.writer is None or not self.connected:
+        connection = self.connection
+        if connection is None or not connection.open:
             raise EngineUnavailable("not connected to the engine")
         message_id = next(self.ids)
         frame = encode_frame({"v": PROTOCOL_VERSION, "id": message_id, "type": kind, **fields})
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[message_id] = future
-        self.writer.write(frame)
+        connection.write(frame)
         return message_id, future
 
     async def send(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
@@ -175,9 +157,9 @@ class AsyncEngineClient:
         return message_id, future
 
     async def _drain(self, message_id: int) -> None:
-        assert self.writer is not None
+        assert self.connection is not None
         try:
-            await self.writer.drain()
+            await self.connection.drain()
         except (ConnectionError, OSError) as exc:
             self.pending.pop(message_id, None)
             raise EngineUnavailable(f"lost the engine: {exc}") from None
@@ -215,10 +197,79 @@ class AsyncEngineClient:
             reply.add_done_callback(_ignore)  # nobody reads it, not even a lost connection's error
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.reader_task is not None:
-            self.reader_task.cancel()
+        if self.connection is not None:
+            self.connection.close()
+
+
+class _Replies(asyncio.Protocol):
+    """The client's end of one connection: each reply settles its request's future as soon as its frame is in
+    (no reader task between the socket and the future). A frame that is not a reply, or the connection's end,
+    fails every request still waiting with EngineUnavailable."""
+
+    def __init__(self, pending: dict[int, asyncio.Future[dict[str, Any]]]) -> None:
+        self.pending = pending
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.writable: asyncio.Future[None] | None = None  # while the transport asks us to stop writing
+        self.lost: Exception | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self.buffer)
+            if len(self.buffer) < HEADER.size + length:
+                return
+            body = bytes(self.buffer[HEADER.size : HEADER.size + length])
+            del self.buffer[: HEADER.size + length]
+            try:
+                reply_id, reply = _reply_id(body)
+            except (ValueError, AttributeError):  # not a JSON object: the stream cannot be trusted any more
+                self.close()
+                return
+            future = self.pending.pop(reply_id, None) if isinstance(reply_id, int) else None
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    def write(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(frame)
+
+    async def drain(self) -> None:
+        if self.lost is not None:
+            raise ConnectionResetError(str(self.lost))
+        if self.writable is not None:
+            await asyncio.shield(self.writable)
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("the engine closed the connection")
+        self.transport = None
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(ConnectionResetError(str(self.lost)))
+            self.writable.exception()  # retrieved: drain raises its own error
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable("the engine connection was lost"))
+        self.pending.clear()
 
 
 def engine_log_path(socket_path: Path) -> Path:
