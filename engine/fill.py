@@ -6,7 +6,7 @@ Plain dataclasses with validation, shared by the engine, its client and the lang
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["line", "block"]
@@ -86,7 +86,11 @@ class FillRequest:
             raise FillRequestError("'seed_canvas' must be a string or null")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The request as JSON-ready data (what `dataclasses.asdict` gives, built without its deep copies: the
+        language server writes one per keystroke)."""
+        data = {name: getattr(self, name) for name in _REQUEST_FIELDS}
+        data["context"] = [{"path": snippet.path, "text": snippet.text} for snippet in self.context]
+        return data
 
 
 def _snippet(item: Any) -> ContextSnippet:
@@ -112,8 +116,16 @@ class FillResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The result as JSON-ready data (what `dataclasses.asdict` gives, without its deep copies)."""
+        data = {name: getattr(self, name) for name in _RESULT_FIELDS}
+        data["candidates"] = list(self.candidates)
+        data["timings"] = dict(self.timings)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FillResult:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+_REQUEST_FIELDS = tuple(FillRequest.__dataclass_fields__)
+_RESULT_FIELDS = tuple(FillResult.__dataclass_fields__)

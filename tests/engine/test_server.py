@@ -319,3 +319,24 @@ def test_replies_stay_whole_frames_when_the_client_reads_late(running_engine) ->
     assert sorted(reply["id"] for reply in replies) == [1] + [2] * 400
     assert all(reply["ok"] for reply in replies)
     assert next(reply for reply in replies if reply["id"] == 1)["result"]["steps"] >= 1
+
+
+def test_requests_and_results_travel_as_their_dataclass_fields() -> None:
+    """What the language server and the engine write is every field, nested snippets included, and reads back
+    as the same object."""
+    import dataclasses
+
+    from engine.fill import ContextSnippet, FillResult
+
+    request = FillRequest(prefix="a", suffix="b", context=[ContextSnippet(path="p", text="t")], mode="block",
+                          candidates=3, document="doc", version=7, seed_canvas="x", keep_fixed=True)
+    assert request.to_dict() == dataclasses.asdict(request)
+    assert FillRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    result = FillResult(text="x", candidates=["x", "y"], steps=2, prompt_tokens=5, cached_prompt_tokens=1,
+                        converged=True, timings={"total_ms": 1.5})
+    data = result.to_dict()
+    assert data == dataclasses.asdict(result)
+    data["candidates"].append("z")
+    data["timings"]["total_ms"] = 0.0
+    assert result.candidates == ["x", "y"] and result.timings == {"total_ms": 1.5}  # copies, not the same lists
+    assert FillResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
