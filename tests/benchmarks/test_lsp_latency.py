@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tests.benchmarks.runner import ROOT, run_benchmark
 
-FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "overhead_ms_p50", "stale_dropped", "cache_hits",
-          "requests", "filled", "answered", "engine_link_ms_p50", "lsp_side_ms_p50")
+FIELDS = ("p50_ms", "p95_ms", "engine_ms_p50", "overhead_ratio", "overhead_ratio_of_medians", "overhead_ms_p50",
+          "stale_dropped", "cache_hits", "requests", "filled", "answered", "engine_link_ms_p50", "lsp_side_ms_p50")
 
 
 def test_lsp_latency_smoke(tiny_model_dir) -> None:
@@ -19,6 +19,7 @@ def test_lsp_latency_smoke(tiny_model_dir) -> None:
     # every fill is paired with the engine's own time for it; without prefetch the round trip cannot beat it
     assert 1 <= summary["filled"] <= summary["requests"]
     assert summary["p50_ms"] >= summary["engine_ms_p50"] and summary["overhead_ms_p50"] >= 0
+    assert summary["overhead_ratio"] >= 1 and summary["overhead_ratio_of_medians"] >= 1
     # the overhead splits into the server's round trip to the engine and the LSP side around it
     assert summary["engine_link_ms_p50"] >= 0 and summary["lsp_side_ms_p50"] >= 0
     assert summary["prefetches"] == 0
@@ -33,6 +34,7 @@ def test_lsp_latency_with_a_debounce_measures_prefetched_answers(tiny_model_dir)
     # of each is not prefetched (nothing was asked there yet), the later ones are and their requests take over
     assert 1 <= summary["prefetches_used"] <= summary["prefetches"] <= 2 * 5
     assert summary["overhead_ratio"] is None  # the fills ran before their requests: nothing to compare
+    assert summary["overhead_ratio_of_medians"] is None
 
 
 def test_lsp_latency_stops_at_once_when_the_engine_cannot_start(tmp_path) -> None:
