@@ -119,7 +119,7 @@ def build_context(
     line_start = text.rfind("\n", 0, offset) + 1
     line_end = text.find("\n", offset)
     line_prefix = text[line_start:offset]
-    line_rest = text[offset : len(text) if line_end < 0 else line_end]
+    line_rest = text[offset : len(text) if line_end < 0 else line_end].removesuffix("\r")  # CRLF: not the line's
     previous_line = _previous_line(text, line_start)
     grammar = syntax.grammar_for(language_id, path)
     hash_comments = grammar == "python" or (grammar is None and language_id in ("shellscript", "ruby", "yaml"))

@@ -80,6 +80,9 @@ def offset_at(text: str, position: types.Position, encoding: str = types.Positio
 
 
 def position_at(text: str, offset: int, encoding: str = types.PositionEncodingKind.Utf16) -> types.Position:
+    """The LSP position of `offset`; one between the "\r" and "\n" of a line break is its line's end."""
+    if 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n":
+        offset -= 1
     start = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
     return types.Position(line=line_number(text, start), character=units(text[start:offset], encoding))
 

@@ -240,3 +240,14 @@ def test_a_keystroke_that_can_change_the_syntax_is_parsed(monkeypatch) -> None:
     for prefix_tokens in (256, 4):  # a window that starts elsewhere reads other facts
         context.build_context(text, len(body) + 13, 44, "python", "/tmp/keystrokes.py", prefix_tokens)
     assert parses[-1] == parses[-2] == text
+
+
+def test_crlf_lines_end_before_their_carriage_return() -> None:
+    """In a CRLF file the rest of the cursor line is what is on it: a suggestion re-typing an auto-closed `)`
+    overwrites the `)` only, not the line break after it (which joined the next line on acceptance)."""
+    from dgls.postprocess import overwrite_length
+
+    text, offset, line = cursor("def f(a):\r\n    return g(|)\r\nx = 1\r\n")
+    context = build_context(text, offset, line, "python", "/x.py")
+    assert context.line_rest == ")"
+    assert overwrite_length("a)", context.line_rest) == 1

@@ -131,3 +131,10 @@ async def test_the_server_applies_edits_after_a_form_feed_on_the_editors_line() 
     assert opened.source == "def a():\n    pass\n\x0c\ndef Xb():\r\n    return 1\u2028Z\nY"
     assert opened.version == 4
     assert sent  # the initialize answer: the protocol really ran
+
+
+def test_an_offset_inside_a_crlf_break_is_its_lines_end() -> None:
+    text = "ab\r\ncd\r\n"
+    assert document.position_at(text, 3) == types.Position(line=0, character=2)  # between "\r" and "\n"
+    assert document.position_at(text, 4) == types.Position(line=1, character=0)
+    assert document.position_at("ab\rcd", 3) == types.Position(line=1, character=0)  # a lone "\r" breaks the line
