@@ -178,6 +178,7 @@ class _Parsed:
     """The facts of the last parse of a document, with what they were read from."""
 
     text: str
+    offset: int  # the cursor
     window: int  # where the prefix window started
     line_start: int  # the cursor line's start and end
     line_end: int
@@ -206,7 +207,7 @@ def _facts_while_typing(text: str, offset: int, start: int, end: int, grammar: s
         return parsed.facts
     facts = _syntax_facts(text, offset, start, end, grammar, path)
     with _facts_lock:
-        _recent_facts[key] = _Parsed(text, start, line_start, line_end, facts)
+        _recent_facts[key] = _Parsed(text, offset, start, line_start, line_end, facts)
         _recent_facts.move_to_end(key)
         while len(_recent_facts) > syntax.RECENT_TREES:
             _recent_facts.popitem(last=False)
@@ -222,10 +223,14 @@ def _typed_within_line(parsed: _Parsed, text: str, offset: int, window: int, lin
                        line_end: int) -> bool:
     """Whether `text` differs from the parsed text only by characters typed or deleted on the cursor line after
     its first non-blank character, none of which can open or close a block, bracket, string or comment
-    (`WITHIN_LINE`), with the cursor after code on that line and the same window start. Then the facts still
-    hold: the imports and headers before the window are untouched, the cursor line's indentation (which decides
-    the enclosing definitions in Python) is too, and the cursor's syntax kind only matters on a blank line."""
-    if window != parsed.window or line_start != parsed.line_start or not text[line_start:offset].strip():
+    (`WITHIN_LINE`), with the cursor after code on that line both then and now, nothing but such characters
+    between the two cursors, and the same window start. Then the facts still hold: the imports and headers before
+    the window are untouched, the cursor line's indentation (which decides the enclosing definitions in Python)
+    is too, no definition starts or ends between the two cursors, and the cursor's syntax kind only matters on a
+    blank line."""
+    if window != parsed.window or line_start != parsed.line_start:
+        return False
+    if not text[line_start:offset].strip() or not parsed.text[line_start : parsed.offset].strip():
         return False
     if text[:line_start] != parsed.text[:line_start] or text[line_end:] != parsed.text[parsed.line_end:]:
         return False
@@ -235,7 +240,9 @@ def _typed_within_line(parsed: _Parsed, text: str, offset: int, window: int, lin
     if not old[:same].strip():  # the change touches the indentation or starts before the line's code
         return False
     removed, typed = old[same : len(old) - tail], new[same : len(new) - tail]
-    return bool(WITHIN_LINE.fullmatch(removed) and WITHIN_LINE.fullmatch(typed))
+    # what lies between the cursors, read in both texts (one edit shifts the positions after it)
+    low, high = sorted((parsed.offset - line_start, offset - line_start))
+    return all(WITHIN_LINE.fullmatch(part) for part in (removed, typed, old[low:high], new[low:high]))
 
 
 def _syntax_facts(text: str, offset: int, start: int, end: int, grammar: str | None, path: str) -> dict[str, Any]:

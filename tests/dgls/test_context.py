@@ -251,3 +251,27 @@ def test_crlf_lines_end_before_their_carriage_return() -> None:
     context = build_context(text, offset, line, "python", "/x.py")
     assert context.line_rest == ")"
     assert overwrite_length("a)", context.line_rest) == 1
+
+
+@pytest.mark.parametrize("language, body, line, tail, parsed_at", [
+    # the cursor was in the line's indentation when it was parsed (Home), then End and a letter
+    ("python", "import os\n\n\nclass Box:\n    def push(self, item):\n" + "        x = 1\n" * 150,
+     "        total = item", "\n        return total\n", 2),
+    # a definition ends mid-line: parsed with the cursor before its `}`, then a letter typed at the line's end
+    ("typescript", "import { x } from 'y';\n\nclass Box {\n  push(item) {\n" + "    x += 1;\n" * 150,
+     "    x += 2; }  size = 1", "\n}\n", len("    x += 2;")),
+])
+def test_facts_read_at_another_cursor_on_the_line_are_not_reused(language, body, line, tail, parsed_at) -> None:
+    from dgls import context
+
+    def snippets(text: str, offset: int, path: str) -> list[str]:
+        built = context.build_context(text, offset, body.count("\n"), language, path)
+        return [snippet.text for snippet in built.snippets]
+
+    text = body + line + tail
+    assert context._syntax_facts(text, len(body), 0, len(text), language, "")["reusable"]  # a clean parse
+    snippets(text, len(body) + parsed_at, f"/tmp/moved.{language}")
+    typed = text.replace(line, line + "s")
+    fresh = snippets(typed, len(body) + len(line) + 1, f"/tmp/fresh.{language}")
+    assert snippets(typed, len(body) + len(line) + 1, f"/tmp/moved.{language}") == fresh
+    assert len(fresh) == 2  # the imports and the enclosing definitions this cursor has
