@@ -26,8 +26,9 @@ MAX_PARSE_CHARS = 1_000_000  # larger documents: only the windows are parsed
 BLOCK_OPENERS = (":", "{", "=>")
 SURROGATES = re.compile("[\ud800-\udfff]")
 # What a keystroke may type or delete in the middle of a line without changing the syntax facts before it:
-# no brackets, quotes, comment or preprocessor marks, backslashes, tabs or line breaks.
-WITHIN_LINE = re.compile(r"[\w .,=+\-*<>!&|^~%@:?$]*")
+# no brackets, quotes, comment or preprocessor marks (`*` after a `/` opens a C comment), backslashes, tabs or
+# line breaks.
+WITHIN_LINE = re.compile(r"[\w .,=+\-<>!&|^~%@:?$]*")
 
 
 @dataclass(slots=True)
