@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.fill import FillRequest, FillResult
-from engine.protocol import HEADER, PROTOCOL_VERSION, encode_frame, prepare_socket_dir
+from engine.protocol import HEADER, PROTOCOL_VERSION, FrameReader, ProtocolError, encode_frame, prepare_socket_dir
 
 
 class EngineError(Exception):
@@ -131,11 +131,13 @@ class AsyncEngineClient:
         return self.connection is not None and self.connection.open
 
     async def connect(self) -> None:
+        pending: dict[int, asyncio.Future[dict[str, Any]]] = {}  # this connection's own: losing it fails only them
         try:
             _, self.connection = await asyncio.get_running_loop().create_unix_connection(
-                lambda: _Replies(self.pending), str(self.socket_path))
+                lambda: _Replies(pending), str(self.socket_path))
         except OSError as exc:
             raise EngineUnavailable(f"no engine answers on {self.socket_path} ({exc.strerror or exc})") from None
+        self.pending = pending
 
     def submit(self, kind: str, **fields: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
         """Write a request on the open connection now, before returning; its reply arrives on the future."""
@@ -153,15 +155,19 @@ class AsyncEngineClient:
         if not self.connected:
             await self.connect()
         message_id, future = self.submit(kind, **fields)
-        await self._drain(message_id)
+        await self._drain(message_id, future)
         return message_id, future
 
-    async def _drain(self, message_id: int) -> None:
+    async def _drain(self, message_id: int, future: asyncio.Future[dict[str, Any]]) -> None:
         assert self.connection is not None
         try:
             await self.connection.drain()
         except (ConnectionError, OSError) as exc:
             self.pending.pop(message_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the connection's loss failed it too: this error is the one reported
+            else:
+                future.cancel()
             raise EngineUnavailable(f"lost the engine: {exc}") from None
 
     async def request(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -177,7 +183,7 @@ class AsyncEngineClient:
         """The result of a fill already written (`submit`); cancelling the awaiting task cancels the fill inside
         the engine."""
         try:
-            await self._drain(message_id)
+            await self._drain(message_id, future)
             return FillResult.from_dict(_result(await future))
         except asyncio.CancelledError:
             self.cancel_soon(message_id, future)
@@ -208,7 +214,7 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self, pending: dict[int, asyncio.Future[dict[str, Any]]]) -> None:
         self.pending = pending
-        self.buffer = bytearray()
+        self.frames = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.writable: asyncio.Future[None] | None = None  # while the transport asks us to stop writing
         self.lost: Exception | None = None
@@ -222,21 +228,14 @@ class _Replies(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self.buffer)
-            if len(self.buffer) < HEADER.size + length:
-                return
-            body = bytes(self.buffer[HEADER.size : HEADER.size + length])
-            del self.buffer[: HEADER.size + length]
-            try:
+        try:
+            for body in self.frames.feed(data):
                 reply_id, reply = _reply_id(body)
-            except (ValueError, AttributeError):  # not a JSON object: the stream cannot be trusted any more
-                self.close()
-                return
-            future = self.pending.pop(reply_id, None) if isinstance(reply_id, int) else None
-            if future is not None and not future.done():
-                future.set_result(reply)
+                future = self.pending.pop(reply_id, None) if isinstance(reply_id, int) else None
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except (ProtocolError, ValueError, AttributeError):  # not a frame of JSON objects: no longer trusted
+            self.close()
 
     def write(self, frame: bytes) -> None:
         assert self.transport is not None

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,28 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError("too_large", f"message of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Cuts frames out of a byte stream as its pieces arrive (both ends of a connection use one)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The bodies of the frames that `data` completes, in order; raises ProtocolError (`too_large`) at a frame
+        longer than MAX_FRAME_BYTES, after the ones before it (the stream cannot be resynchronised)."""
+        self.buffer += data
+        while len(self.buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self.buffer)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError("too_large", f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+            end = HEADER.size + length
+            if len(self.buffer) < end:
+                return
+            body = bytes(self.buffer[HEADER.size : end])
+            del self.buffer[:end]
+            yield body
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

@@ -19,18 +19,17 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import check_checkpoint_dir, default_model_dir
+from engine.connection import Connection
 from engine.engine import DEFAULT_CACHE_BYTES, Engine
 from engine.fill import FillRequest, FillRequestError, FillResult
 from engine.loading import load_checkpoint
 from engine.protocol import (
-    HEADER,
-    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     ProtocolError,
     decode_body,
@@ -97,7 +96,7 @@ class EngineServer:
         self.last_activity = time.monotonic()
         self.stopping = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
-        self.connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
 
     async def run(self) -> None:
         path = self.options.socket_path
@@ -109,7 +108,7 @@ class EngineServer:
             if socket_answers(path):
                 raise EngineAlreadyRunning(f"an engine already answers on {path}; run 'dgls engine stop' first")
             path.unlink()
-        self.server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), path=str(path))
+        self.server = await asyncio.get_running_loop().create_unix_server(lambda: Connection(self), path=str(path))
         os.chmod(path, 0o600)
         loop = self.loop = asyncio.get_running_loop()
         if self.stop_requested:  # a signal came before there was a loop to tell
@@ -225,7 +224,12 @@ class EngineServer:
             with contextlib.suppress(RuntimeError):  # closed
                 self.loop.call_soon_threadsafe(callback)
 
-    def _message(self, body: bytes, connection: _Connection) -> None:
+    def cancel(self, job: Job) -> None:
+        """Cancel a fill of a connection that closed."""
+        if self.scheduler is not None:
+            self.scheduler.cancel(job)
+
+    def handle(self, body: bytes, connection: Connection) -> None:
         """Handle one frame as it arrives, on the event loop: status, cancel and shutdown are answered at once and
         a fill goes straight to the scheduler, whose worker replies through `connection` (no task per message:
         each task and each await of a future is another turn of the event loop between the socket and the model
@@ -259,11 +263,11 @@ class EngineServer:
             log.exception("message failed")
             connection.send(error_reply(message_id, "internal", f"{type(exc).__name__}: {exc}"))
 
-    async def _submit_when_ready(self, request: FillRequest, message_id: int, connection: _Connection) -> None:
+    async def _submit_when_ready(self, request: FillRequest, message_id: int, connection: Connection) -> None:
         await self.ready.wait()
         self._submit(request, message_id, connection)
 
-    def _submit(self, request: FillRequest, message_id: int, connection: _Connection) -> None:
+    def _submit(self, request: FillRequest, message_id: int, connection: Connection) -> None:
         if self.scheduler is None:
             connection.send(error_reply(message_id, "not_ready", f"the model failed to load: {self.load_error}"))
             return
@@ -288,107 +292,6 @@ class EngineServer:
         with connection.lock:
             if message_id in connection.jobs:
                 connection.jobs[message_id] = job
-
-
-class _Connection(asyncio.Protocol):
-    """One client's connection: frames are cut from the byte stream as they arrive and handed to the server;
-    replies are written as they are ready, in any order (they carry their request's id).
-
-    Replies may be written from the scheduler's worker thread (`send_frame`): straight to the socket when nothing
-    is queued in the transport, else through the event loop. Every write and every change of `jobs` holds `lock`;
-    `connection_lost` takes it too before the transport closes the socket, so a worker never writes to a closed
-    (or reused) descriptor."""
-
-    def __init__(self, server: EngineServer) -> None:
-        self.server = server
-        self.buffer = bytearray()
-        self.jobs: dict[int, Job | None] = {}  # fills in the scheduler, by message id (`cancel` names them)
-        self.tasks: set[asyncio.Task[None]] = set()  # fills waiting for the model to load
-        self.transport: asyncio.Transport | None = None
-        self.lock = threading.Lock()
-        self.held = b""  # the rest of a frame the worker could only partly write; goes out before anything else
-        self.loop_thread = threading.get_ident()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.server.connections.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= HEADER.size and self.transport is not None:
-            (length,) = HEADER.unpack_from(self.buffer)
-            if length > MAX_FRAME_BYTES:
-                self.send(error_reply(None, "too_large", f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}"))
-                self.close()  # the stream cannot be resynchronised
-                return
-            if len(self.buffer) < HEADER.size + length:
-                return
-            body = bytes(self.buffer[HEADER.size : HEADER.size + length])
-            del self.buffer[: HEADER.size + length]
-            self.server._message(body, self)
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Write a reply from the event loop."""
-        self.send_frame(encode_frame(message))
-
-    def send_frame(self, frame: bytes, ends: int | None = None) -> None:
-        """Write an encoded reply, from any thread; it `ends` the fill with that message id."""
-        with self.lock:
-            if ends is not None:
-                self.jobs.pop(ends, None)
-            transport = self.transport
-            if transport is None or transport.is_closing():
-                return
-            if threading.get_ident() == self.loop_thread:
-                self._write_held()
-                transport.write(frame)
-                return
-            if not self.held and not transport.get_write_buffer_size():
-                try:
-                    sent = os.write(transport.get_extra_info("socket").fileno(), frame)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:  # the client is gone: the event loop notices and cleans up
-                    return
-                frame = frame[sent:]
-                if not frame:
-                    return
-            self.held += frame
-        self.server.call_soon_threadsafe(self._flush_held)
-
-    def _flush_held(self) -> None:
-        with self.lock:
-            if self.transport is not None and not self.transport.is_closing():
-                self._write_held()
-
-    def _write_held(self) -> None:
-        if self.held and self.transport is not None:
-            self.transport.write(self.held)
-            self.held = b""
-
-    def later(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def close(self) -> None:
-        with self.lock:
-            self._write_held()
-            if self.transport is not None:
-                self.transport.close()  # writes what is buffered first
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        with self.lock:
-            self.transport = None
-        self.server.connections.discard(self)
-        for task in self.tasks:
-            task.cancel()
-        with self.lock:
-            jobs, self.jobs = list(self.jobs.values()), {}
-        for job in jobs:
-            if job is not None and self.server.scheduler is not None:
-                self.server.scheduler.cancel(job)
 
 
 def serve(options: ServeOptions) -> None:

@@ -340,3 +340,54 @@ def test_requests_and_results_travel_as_their_dataclass_fields() -> None:
     data["timings"]["total_ms"] = 0.0
     assert result.candidates == ["x", "y"] and result.timings == {"total_ms": 1.5}  # copies, not the same lists
     assert FillResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_frames_are_cut_from_a_stream_however_it_arrives() -> None:
+    from engine.protocol import MAX_FRAME_BYTES, FrameReader, ProtocolError, encode_frame
+
+    stream = b"".join(encode_frame({"id": n, "text": "é" * n}) for n in range(5))
+    for size in (1, 3, 7, len(stream)):
+        reader = FrameReader()
+        bodies = [body for start in range(0, len(stream), size) for body in reader.feed(stream[start : start + size])]
+        assert [json.loads(body)["id"] for body in bodies] == [0, 1, 2, 3, 4]
+        assert not reader.buffer
+    reader = FrameReader()
+    seen = []
+    with pytest.raises(ProtocolError) as refused:
+        for body in reader.feed(encode_frame({"id": 9}) + struct.pack(">I", MAX_FRAME_BYTES + 1)):
+            seen.append(json.loads(body)["id"])
+    assert seen == [9] and refused.value.code == "too_large"  # the frames before it still count
+
+
+async def test_a_client_whose_engine_stops_reading_fails_every_request_once(tmp_path) -> None:
+    """Requests stuck behind a full socket (the writer paused) all fail with EngineUnavailable when the connection
+    drops, leaving no future behind whose error nobody reads."""
+    import gc
+
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    writers: list[asyncio.StreamWriter] = []
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    server = await asyncio.start_unix_server(never_reads, path=str(tmp_path / "deaf.sock"))
+    client = AsyncEngineClient(tmp_path / "deaf.sock")
+    try:
+        await client.connect()
+        assert client.connection is not None and client.connection.transport is not None
+        client.connection.transport.set_write_buffer_limits(high=1000)
+        fills = [asyncio.create_task(client.fill(FillRequest(prefix="x" * 200_000))) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        assert client.connection.writable is not None and not any(fill.done() for fill in fills)  # paused
+        writers[0].transport.abort()
+        outcomes = await asyncio.gather(*fills, return_exceptions=True)
+    finally:
+        await client.close()
+        server.close()
+    assert all(isinstance(outcome, EngineError) and outcome.code == "unavailable" for outcome in outcomes)
+    assert not client.pending and not client.connected
+    del fills, outcomes
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not errors, errors
