@@ -117,10 +117,9 @@ def build_context(
     start = window_start(text, offset, line, prefix_tokens * CHARS_PER_TOKEN)
     end = window_end(text, offset, suffix_tokens * CHARS_PER_TOKEN)
     prefix, suffix = text[start:offset], text[offset:end]
-    line_start = text.rfind("\n", 0, offset) + 1
-    line_end = text.find("\n", offset)
+    line_start, line_end = _line_span(text, offset)
     line_prefix = text[line_start:offset]
-    line_rest = text[offset : len(text) if line_end < 0 else line_end].removesuffix("\r")  # CRLF: not the line's
+    line_rest = text[offset:line_end].removesuffix("\r")  # CRLF: not the line's
     previous_line = _previous_line(text, line_start)
     grammar = syntax.grammar_for(language_id, path)
     hash_comments = grammar == "python" or (grammar is None and language_id in ("shellscript", "ruby", "yaml"))
@@ -131,7 +130,7 @@ def build_context(
         line_rest=line_rest, previous_line=previous_line, grammar=grammar, open_brackets=open_brackets,
         block_indent=_block_indent(line_prefix, previous_line, unit),
     )
-    tree_facts = _facts_while_typing(text, offset, start, end, grammar, path)
+    tree_facts = _facts_while_typing(text, offset, (start, end), (line_start, line_end), grammar, path)
     context.mode = decide_mode(line_prefix, line_rest, tree_facts.get("cursor_kind"), open_brackets)
     context.snippets = _snippets(tree_facts, path, extra_tokens * CHARS_PER_TOKEN)
     return context
@@ -190,15 +189,15 @@ _recent_facts: collections.OrderedDict[tuple[str | None, str], _Parsed] = collec
 _facts_lock = threading.Lock()
 
 
-def _facts_while_typing(text: str, offset: int, start: int, end: int, grammar: str | None,
-                        path: str) -> dict[str, Any]:
+def _facts_while_typing(text: str, offset: int, window: tuple[int, int], line: tuple[int, int],
+                        grammar: str | None, path: str) -> dict[str, Any]:
     """`_syntax_facts`, or those of the document's last parse when nothing they depend on can have changed since
     (`_typed_within_line`): a keystroke in the middle of a line skips the tree-sitter parse (~0.3-0.5 ms a
     keystroke in a 15 KB file on the benchmark's machine, where the language server wakes up cold)."""
+    (start, end), (line_start, line_end) = window, line
     if not path:
         return _syntax_facts(text, offset, start, end, grammar, path)
     key = (grammar, path)
-    line_start, line_end = _line_span(text, offset)
     with _facts_lock:
         parsed = _recent_facts.get(key)
         if parsed is not None:
@@ -216,6 +215,7 @@ def _facts_while_typing(text: str, offset: int, start: int, end: int, grammar: s
 
 
 def _line_span(text: str, offset: int) -> tuple[int, int]:
+    """Where the line of `offset` starts and where its "\n" (or the text) ends."""
     end = text.find("\n", offset)
     return text.rfind("\n", 0, offset) + 1, len(text) if end < 0 else end
 
