@@ -4,8 +4,9 @@ LSP breaks lines at "\\n", "\\r\\n" and "\\r" only, and counts a position's char
 the client chose another encoding. pygls applies edits on `str.splitlines`, which also breaks at form feeds,
 "\\x0b", "\\x1c"-"\\x1e", "\\x85", U+2028 and U+2029: after such a character every edit lands on the wrong line
 (a Python file with a form feed goes out of sync with the editor). It also copies the document line by line in
-Python on every keystroke (~0.15 ms for a 15 KB file, ~0.4 ms for 75 KB, on a 2-core machine, more when the
-process wakes cold); `apply_change` finds the two lines it needs with C-level string searches and splices once.
+Python on every keystroke (0.08-0.15 ms for a 15 KB file, 0.25-0.4 ms for 78 KB in a warm loop on a 2-core
+machine, more when the process wakes cold); `apply_change` finds the two lines it needs with C-level string
+searches and splices once (0.008 and 0.03 ms).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def line_end(text: str, start: int) -> int:
 
 
 def line_number(text: str, offset: int) -> int:
-    """0-based line of `offset`."""
+    """0-based line of `offset` (not one between the "\r" and "\n" of a break: see `position_at`)."""
     if "\r" not in text or LONE_CR.search(text, 0, offset) is None:
         return text.count("\n", 0, offset)
     return sum(1 for _ in BREAK.finditer(text, 0, offset))
