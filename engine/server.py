@@ -219,7 +219,7 @@ class EngineServer:
         return status
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        """Run `callback` on the event loop, unless the engine has stopped."""
+        """Run `callback` on the event loop, unless it does not run yet or any more (then the engine is stopping)."""
         if self.loop is not None:
             with contextlib.suppress(RuntimeError):  # closed
                 self.loop.call_soon_threadsafe(callback)
@@ -316,10 +316,7 @@ def serve(options: ServeOptions) -> None:
 
     def stop(signum: int, frame: Any) -> None:
         server.stop_requested = True  # seen by `run` if its loop does not exist yet
-        loop = server.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile: it is stopping anyway
-                loop.call_soon_threadsafe(server.stopping.set)
+        server.call_soon_threadsafe(server.stopping.set)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=event_loop, name="dgls-engine-io", daemon=True)
